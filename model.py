@@ -693,7 +693,8 @@ class PretrainModel(FreezableModel):
 
 
 def build_pretrain_model(cfg, vocab_size):
-    return PretrainModel(build_encoder(cfg, vocab_size), vocab_size, cfg.mlm_weight, cfg.itm_weight)
+    return PretrainModel(build_encoder(cfg, vocab_size), vocab_size, cfg.mlm_weight, cfg.itm_weight,
+                         cfg.pretrain_pass)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,441 @@
+"""Benchmark pretraining: speed, FLOPs, model FLOPs utilisation (MFU), memory and parameters of a config and its
+freezing variants. Prints a table and writes JSON.
+
+    python bench.py configs/freeze_none.py --variants=none,text,vision,both --micro_batch_size=8
+    python bench.py configs/freeze_none.py --random_init_towers --data=random --micro_batch_size=8 --variants=none,both
+
+Config overrides (--key=value) work as for pretrain.py. Bench options:
+  --variants=a,b,...    what to measure, each a freezing variant, config (as configured), none, text, vision or
+                        both, optionally followed by modifiers: +shared / +separate (pretrain_pass), +ckpt
+                        (gradient checkpointing), +compile (torch.compile), +cache (the frozen vision feature
+                        cache, in vision_feature_cache with --data=loader; a variant without +cache reads images)
+  --steps=N, --warmup=N timed steps (medians are reported) after untimed warm-up steps
+  --data=loader|random  loader: the config's corpora through the training DataLoader, so the data time is real;
+                        random: in-memory batches of captions exactly max_text_len tokens long (no padding) and
+                        random pixels, the shape the paper's targets are stated at; the data time is masking only
+  --random_init_towers  build the hub towers the config names (the paper's models, PAPER_TOWERS) at their exact
+                        dimensions from random init: nothing is downloaded. A switch, never a fallback: without
+                        it an unreachable hub is an error, and so is a hub name the table does not know.
+  --peak_tflops=X       the device's peak for MFU (default: the table of dense GPU peaks; on CPU a GEMM in the
+                        run's dtype measured at start)
+  --json=PATH           where the JSON goes (default: out_dir/bench.json)
+
+One step is one micro-batch (micro_batch_size samples) forward and backward, then the optimizer step as
+engine.train takes it (clipping, the finiteness check, AdamW); batch_size and accumulation play no part.
+FLOPs are counted (torch.utils.flop_counter) on one step's forward and backward; activation bytes are those
+autograd saves for backward in one forward (saved-tensor hooks; parameters excluded). Peak memory is CUDA's max
+allocated over the timed steps, or on CPU the peak resident set size over them.
+"""
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+import data
+import engine
+import pretrain
+from model import apply_freezing, build_pretrain_model, enable_gradient_checkpointing, parameter_summary
+
+# -----------------------------------------------------------------------------
+# The paper's towers at their exact dimensions, built from random init
+
+# hub name -> (family, dimensions as the config's <modality>_<key> values)
+PAPER_TOWERS = {
+    "google/electra-small-discriminator": ("electra", dict(hidden_size=256, layers=12, heads=4, mlp_ratio=4.0,
+                                                           embedding_size=128)),
+    "google/electra-base-discriminator": ("electra", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0,
+                                                          embedding_size=768)),
+    "bert-base-uncased": ("bert", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0)),
+    "facebook/deit-tiny-patch16-224": ("deit", dict(hidden_size=192, layers=12, heads=3, mlp_ratio=4.0)),
+    "google/vit-base-patch16-224-in21k": ("vit", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0)),
+    "google/vit-base-patch16-224": ("vit", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0)),
+}
+PAPER_PATCH_SIZE = 16  # every vision model above
+# Every text model above uses BERT's uncased WordPiece vocabulary: its size and special tokens
+# ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103).
+PAPER_TOKENIZER_INFO = data.TokenizerInfo(mask_token_id=103, vocab_size=30522, special_ids=(0, 100, 101, 102, 103))
+
+
+def random_init_towers(cfg):
+    """(cfg with the towers it uses rebuilt as random-init families at the paper models' exact dimensions,
+    the paper vocabulary size or None). A tower already given as a family is left as it is; the tokenizer
+    stays the hub model's, so only the weights stop depending on the hub."""
+    used = ("text", "vision") if cfg.model_type == "two_tower" else (cfg.onetower_stack,)
+    changes = {}
+    for modality in used:
+        name = getattr(cfg, f"{modality}_tower")
+        families = ("bert", "electra", "roberta") if modality == "text" else ("vit", "deit", "beit")
+        if name in families:
+            continue
+        if name not in PAPER_TOWERS:
+            raise ValueError(f"--random_init_towers: {modality}_tower '{name}' is not one of the paper's models "
+                             f"({', '.join(PAPER_TOWERS)}); give a family name and its dimensions instead")
+        family, dims = PAPER_TOWERS[name]
+        changes.update({f"{modality}_tower": family, f"{modality}_pretrained": False})
+        changes.update({f"{modality}_{key}": value for key, value in dims.items()})
+        if modality == "text":
+            changes["text_embedding_size"] = dims.get("embedding_size", -1)
+            changes["tokenizer"] = cfg.tokenizer or name
+        else:
+            changes["patch_size"] = PAPER_PATCH_SIZE
+    tokenizer = changes.get("tokenizer", cfg.tokenizer)
+    vocab = PAPER_TOKENIZER_INFO.vocab_size if tokenizer in PAPER_TOWERS else None
+    return dataclasses.replace(cfg, **changes), vocab
+
+
+# -----------------------------------------------------------------------------
+# Variants
+
+FREEZING = {"config": {}, "none": dict(freeze_text=False, freeze_vision=False),
+            "text": dict(freeze_text=True, freeze_vision=False), "vision": dict(freeze_text=False, freeze_vision=True),
+            "both": dict(freeze_text=True, freeze_vision=True)}
+MODIFIERS = {"shared": dict(pretrain_pass="shared"), "separate": dict(pretrain_pass="separate"),
+             "ckpt": dict(gradient_checkpointing=True), "compile": dict(compile=True), "cache": {}}
+
+
+def variant_config(cfg, variant):
+    """(cfg of a variant such as "both+shared+ckpt", whether it reads cached vision features)."""
+    base, *modifiers = variant.split("+")
+    unknown = [m for m in modifiers if m not in MODIFIERS]
+    if base not in FREEZING or unknown:
+        raise ValueError(f"--variants: unknown variant '{variant}': use one of {', '.join(FREEZING)}, each with any "
+                         f"of +{', +'.join(MODIFIERS)}")
+    changes = dict(FREEZING[base])
+    for modifier in modifiers:
+        changes.update(MODIFIERS[modifier])
+    return dataclasses.replace(cfg, **changes), "cache" in modifiers
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+def random_batches(cfg, tokenizer_info, count=4):
+    """`count` collated batches, cycled: micro_batch_size captions of exactly max_text_len tokens of random
+    non-special ids (special positions first and last, no padding, one word per token), each row its own
+    picture, random pixels."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    B, T, S = cfg.micro_batch_size, cfg.max_text_len, cfg.image_size
+    allowed = torch.ones(tokenizer_info.vocab_size, dtype=torch.bool)
+    allowed[list(tokenizer_info.special_ids)] = False
+    allowed_ids = allowed.nonzero().squeeze(1)
+    special = torch.zeros(B, T, dtype=torch.bool)
+    special[:, [0, -1]] = True  # where CLS and SEP sit
+    word_ids = (torch.arange(T) - 1).masked_fill(special[0], -1).expand(B, T)
+    batches = [dict(pixel_values=torch.randn(B, 3, S, S, generator=g),
+                    input_ids=allowed_ids[torch.randint(len(allowed_ids), (B, T), generator=g)],
+                    attention_mask=torch.ones(B, T, dtype=torch.long), special_tokens_mask=special,
+                    word_ids=word_ids, image_ids=torch.arange(B) + i * B) for i in range(count)]
+    return itertools.cycle(batches)
+
+
+def with_random_vision_features(batches, encoder, cfg):
+    """Random batches as the feature cache hands them out: the vision tower's output shape, float16, instead of
+    pixels (the compute side of the cache; --data=loader measures the data side too)."""
+    with torch.no_grad():
+        shape = encoder.vision_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1:]  # (P, D)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for batch in batches:
+        feats = torch.randn(len(batch["image_ids"]), *shape, generator=g).half()
+        yield {**{k: v for k, v in batch.items() if k != "pixel_values"}, "image_feats": feats}
+
+
+# -----------------------------------------------------------------------------
+# Measurements
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs):
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the GPU attention kernels but not the CPU one, which would count attention as free.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
+def step_flops(model, batch, autocast):
+    """FLOPs of one training step's forward and backward (the optimizer's elementwise work is not counted)."""
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    with counter:
+        with autocast:
+            loss = model(batch)["loss"]
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def saved_activation_bytes(model, batch, autocast):
+    """Bytes of the distinct storages autograd saves for backward in one training forward. Parameters and
+    buffers are left out: they are held anyway. Checkpointed blocks save only their inputs, so they count so."""
+    held = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+        model(batch)  # the graph, and what it saved, goes when the output does
+    return sum(saved.values())
+
+
+# Dense (no sparsity) peak TFLOP/s from the vendors' datasheets: (bf16/fp16 tensor cores, tf32 tensor cores,
+# fp32 without tensor cores). The first name fragment found in the device name wins.
+GPU_PEAK_TFLOPS = [
+    ("H100 NVL", (835.0, 417.5, 60.0)), ("H100 PCIe", (756.5, 378.0, 51.2)), ("H100", (989.4, 494.7, 66.9)),
+    ("H200", (989.4, 494.7, 66.9)), ("A100", (312.0, 156.0, 19.5)), ("L40S", (362.1, 183.2, 91.6)),
+    ("L40", (181.0, 90.5, 90.5)), ("L4", (121.0, 60.0, 30.3)), ("A10", (125.0, 62.5, 31.2)),
+    ("RTX 4090", (165.2, 82.6, 82.6)), ("RTX 3090", (71.0, 35.6, 35.6)),
+]
+
+
+def gpu_peak_from_table(device, dtype):
+    """(peak FLOP/s, source) from GPU_PEAK_TFLOPS, or None for a GPU the table does not know."""
+    name = torch.cuda.get_device_name(device)
+    for fragment, (half, tf32, fp32) in GPU_PEAK_TFLOPS:
+        if fragment in name:
+            if dtype != "float32":
+                return half * 1e12, f"datasheet {dtype} dense peak of {name}"
+            if torch.get_float32_matmul_precision() != "highest":
+                return tf32 * 1e12, f"datasheet tf32 dense peak of {name}"
+            return fp32 * 1e12, f"datasheet fp32 peak of {name}"
+    return None
+
+
+def measure_gemm_peak(device, dtype):
+    """Best FLOP/s of a square matmul in `dtype`: the side doubles from 512 until one product takes 0.5 s
+    (or the side reaches 4096), then the best of three at that side."""
+    def seconds(a, b):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    n = 512
+    while True:
+        a, b = (torch.randn(n, n, device=device).to(getattr(torch, dtype)) for _ in range(2))
+        if seconds(a, b) > 0.5 or n >= 4096:
+            break
+        n *= 2
+    return max(2 * n ** 3 / seconds(a, b) for _ in range(3))
+
+
+def device_peak(device, dtype, peak_tflops):
+    """(peak FLOP/s, where it comes from) for MFU."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12, "--peak_tflops"
+    if device.type == "cuda":
+        found = gpu_peak_from_table(device, dtype)
+        if found:
+            return found
+        return measure_gemm_peak(device, dtype), f"measured {dtype} GEMM (no table entry for " \
+                                                 f"{torch.cuda.get_device_name(device)})"
+    return measure_gemm_peak(device, dtype), f"measured {dtype} GEMM"
+
+
+def reset_peak_memory(device):
+    """Start a new peak-memory window; False where the platform cannot (CPU outside Linux)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        # hand memory that earlier variants freed back to the system, or it would count in this one's peak
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets this process's peak resident set size (VmHWM)
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device):
+    """Bytes: CUDA max allocated, or the peak resident set size (VmHWM) of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -----------------------------------------------------------------------------
+# One variant
+
+def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, args):
+    cfg, cached = variant_config(cfg, variant)
+    if cached and not cfg.freeze_vision:
+        raise ValueError(f"variant '{variant}': +cache needs a frozen vision tower (variants vision or both)")
+    if cached and args.data == "loader" and not cfg.vision_feature_cache:
+        raise ValueError(f"variant '{variant}': +cache with --data=loader needs --vision_feature_cache=DIR")
+    if not cached:
+        cfg = dataclasses.replace(cfg, vision_feature_cache="")
+    device = dist.device
+    torch.manual_seed(cfg.seed)
+    model = build_pretrain_model(cfg, vocab_size)
+    apply_freezing(model, cfg)
+    engine.require_trainable(model)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.to(device)
+    if args.data == "loader":
+        batches = iter(pretrain.build_data(cfg, dist, tokenizer, model)[2])
+    else:
+        batches = random_batches(cfg, tokenizer_info)
+        if cached:
+            batches = with_random_vision_features(batches, model.encoder, cfg)
+    prepare_batch = pretrain.make_prepare_batch(cfg, tokenizer_info, device)
+    autocast = engine.autocast_context(device, cfg.dtype)
+    optimizer = engine.build_optimizer(model, cfg, {"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads},
+                                       verbose=False)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    step_model = torch.compile(model) if cfg.compile else model
+    model.train()
+
+    first = prepare_batch(next(batches), "bench", 0)
+    flops = step_flops(model, first, autocast)
+    saved = saved_activation_bytes(model, first, autocast)
+    samples = len(first["itm_labels"])
+
+    data_seconds, compute_seconds = [], []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            has_peak = reset_peak_memory(device)
+        start = time.perf_counter()
+        batch = prepare_batch(next(batches), "bench", step)  # loading (or waiting for workers), masking, transfer
+        synchronize(device)
+        loaded = time.perf_counter()
+        with autocast:
+            loss = step_model(batch)["loss"]
+        loss.backward()
+        engine.optimizer_step(optimizer, scaler, params, cfg.grad_clip, loss.detach().float(), step)
+        synchronize(device)
+        if step >= args.warmup:
+            data_seconds.append(loaded - start)
+            compute_seconds.append(time.perf_counter() - loaded)
+    step_seconds = statistics.median(d + c for d, c in zip(data_seconds, compute_seconds))
+    samples_per_sec = samples / step_seconds
+    trainable, total = parameter_summary(model)[-1][1:]
+    return {"variant": variant, "samples": samples, "trainable_params": trainable, "total_params": total,
+            "flops_per_sample": flops / samples, "samples_per_sec": samples_per_sec,
+            "mfu": flops / samples * samples_per_sec / args.peak_flops,
+            "data_ms": 1e3 * statistics.median(data_seconds), "compute_ms": 1e3 * statistics.median(compute_seconds),
+            "peak_memory_bytes": peak_memory(device) if has_peak else None, "saved_activation_bytes": saved,
+            "step_seconds": [d + c for d, c in zip(data_seconds, compute_seconds)],
+            "load_average": os.getloadavg()[0]}  # other processes' work: the timings are only as good as it is low
+
+
+# -----------------------------------------------------------------------------
+# Report
+
+def machine_description(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    model_name = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                              model_name)
+    return f"{model_name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def format_table(rows):
+    header = (f"{'variant':<22} {'trainable/total M':>17} {'GFLOP/sample':>12} {'samples/s':>9} {'data ms':>8} "
+              f"{'compute ms':>10} {'MFU':>6} {'peak mem MB':>11} {'saved act MB':>12} {'load':>5}")
+    lines = [header]
+    for r in rows:
+        params = f"{r['trainable_params'] / 1e6:.1f}/{r['total_params'] / 1e6:.1f}"
+        memory = f"{r['peak_memory_bytes'] / 2 ** 20:.0f}" if r["peak_memory_bytes"] is not None else "n/a"
+        lines.append(f"{r['variant']:<22} {params:>17} {r['flops_per_sample'] / 1e9:>12.2f} "
+                     f"{r['samples_per_sec']:>9.2f} {r['data_ms']:>8.1f} {r['compute_ms']:>10.1f} "
+                     f"{100 * r['mfu']:>5.1f}% {memory:>11} {r['saved_activation_bytes'] / 2 ** 20:>12.1f} "
+                     f"{r['load_average']:>5.2f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    """(bench options, the rest: CONFIG.py and --key=value overrides for engine.load_config)."""
+    parser = argparse.ArgumentParser(prog="bench.py", description="see the module docstring")
+    parser.add_argument("--variants", default="config")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--data", choices=("loader", "random"), default="loader")
+    parser.add_argument("--random_init_towers", action="store_true")
+    parser.add_argument("--peak_tflops", type=float, default=0.0)
+    parser.add_argument("--json", default="")
+    args, rest = parser.parse_known_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise engine.ConfigError(f"--steps={args.steps} must be at least 1 and --warmup={args.warmup} not negative")
+    return args, rest
+
+
+def main(argv):
+    args, config_argv = parse_args(argv)
+    cfg = engine.load_config(config_argv)
+    vocab_size = None
+    if args.random_init_towers:
+        cfg, vocab_size = random_init_towers(cfg)
+    dist = engine.setup_distributed(cfg)
+    if dist.is_ddp:
+        raise ValueError("bench.py measures one process: run it with python, not torchrun")
+    engine.autocast_context(dist.device, cfg.dtype)  # refuses float16 on CPU before any work
+    tokenizer = None
+    if args.data == "loader" or vocab_size is None:
+        tokenizer = data.build_tokenizer(cfg)
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            raise ValueError(f"tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens, more than the paper model's "
+                             f"{vocab_size}")
+    tokenizer_info = data.TokenizerInfo.from_tokenizer(tokenizer) if tokenizer is not None else PAPER_TOKENIZER_INFO
+    vocab_size = vocab_size or len(tokenizer)
+    load_start = os.getloadavg()
+    args.peak_flops, peak_source = device_peak(dist.device, cfg.dtype, args.peak_tflops)
+    command = "python bench.py " + " ".join(argv)
+    print(f"{command}\nmachine: {machine_description(dist.device)}\n"
+          f"dtype {cfg.dtype} | micro batch {cfg.micro_batch_size} | image {cfg.image_size} | text "
+          f"{cfg.max_text_len} tokens | data {args.data} | {args.warmup} warm-up + {args.steps} timed steps (medians)\n"
+          f"peak {args.peak_flops / 1e9:.1f} GFLOP/s ({peak_source}) | load average {load_start[0]:.2f}")
+    rows = []
+    for variant in args.variants.split(","):
+        rows.append(bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, args))
+        print(format_table(rows[-1:]) if len(rows) == 1 else format_table(rows[-1:]).splitlines()[1], flush=True)
+    load_end = os.getloadavg()
+    print(f"load average at the end {load_end[0]:.2f}")
+    report = {"command": command, "machine": machine_description(dist.device), "dtype": cfg.dtype,
+              "micro_batch_size": cfg.micro_batch_size, "image_size": cfg.image_size,
+              "max_text_len": cfg.max_text_len, "data": args.data, "random_init_towers": args.random_init_towers,
+              "warmup": args.warmup, "steps": args.steps, "peak_flops": args.peak_flops, "peak_source": peak_source,
+              "load_average": [load_start[0], load_end[0]], "config": dataclasses.asdict(cfg), "variants": rows}
+    path = args.json or os.path.join(cfg.out_dir, "bench.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    engine.main_guard(lambda: main(sys.argv[1:]))

@@ -1,0 +1,252 @@
+"""bench.py and the speed work it measures: FLOP and saved-activation counting, the pruned and shared pretraining
+passes (same losses as a plain reference), the frozen vision feature cache (same losses as images), the offline
+paper towers, and an end-to-end run of bench.py."""
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import data
+import engine
+import pretrain
+from model import (Attention, Embedded, PretrainModel, apply_freezing, build_encoder, build_pretrain_model,
+                   enable_gradient_checkpointing)
+from tiny import TINY, tiny_config
+
+VOCAB = 60
+B, T = 4, 9
+INFO = data.TokenizerInfo(mask_token_id=4, vocab_size=VOCAB, special_ids=(0, 1, 2, 3, 4))
+DIM = TINY["cross_hidden"]
+
+
+def make_batch(seed=0, labelled=2):
+    """A prepared batch: `labelled` MLM targets per row, ITM pairs with two negatives."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, VOCAB, (B, T), generator=g)
+    labels = torch.full((B, T), -100)
+    labels[:, 1:1 + labelled] = input_ids[:, 1:1 + labelled]
+    return dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g), input_ids=input_ids,
+                attention_mask=torch.ones(B, T, dtype=torch.long), mlm_labels=labels,
+                mlm_input_ids=input_ids.masked_fill(labels != -100, INFO.mask_token_id),
+                itm_image_index=torch.tensor([1, 0, 2, 3]), itm_labels=torch.tensor([0, 0, 1, 1]))
+
+
+def pretrain_model(pretrain_pass="separate", **overrides):
+    cfg = tiny_config(**overrides)
+    cfg.pretrain_pass = pretrain_pass
+    torch.manual_seed(0)
+    model = build_pretrain_model(cfg, VOCAB)
+    apply_freezing(model, cfg)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model.train()
+
+
+def flops(model, batch):
+    return bench.step_flops(model, batch, engine.autocast_context(torch.device("cpu"), "float32"))
+
+
+def saved(model, batch):
+    return bench.saved_activation_bytes(model, batch, engine.autocast_context(torch.device("cpu"), "float32"))
+
+
+# -----------------------------------------------------------------------------
+# Counting
+
+
+def test_flop_counter_sees_freezing_shared_pass_and_labelled_positions():
+    batch = make_batch()
+    none, both = flops(pretrain_model(), batch), flops(pretrain_model(freeze_text=True, freeze_vision=True), batch)
+    assert both < none
+    assert flops(pretrain_model("shared"), batch) < none
+    # each labelled position costs the MLM head's transform and vocabulary projection, forward and backward
+    # (input and weight gradients), and nothing else changes
+    one, three = flops(pretrain_model(), make_batch(labelled=1)), flops(pretrain_model(), make_batch(labelled=3))
+    assert three - one == 2 * B * 3 * 2 * DIM * (DIM + VOCAB)
+
+
+def test_cpu_attention_is_counted():
+    q, k, v = torch.randn(2, 3, 5, 8, requires_grad=True), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    counter = FlopCounterMode(display=False, custom_mapping=bench.CPU_ATTENTION_FLOPS)
+    with counter:
+        F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 5 * 7 * 8)  # q @ k^T and weights @ v
+
+
+def test_saved_activations_shrink_with_freezing_and_checkpointing():
+    batch = make_batch()
+    none = saved(pretrain_model(), batch)
+    both = saved(pretrain_model(freeze_text=True, freeze_vision=True), batch)
+    both_ckpt = saved(pretrain_model(freeze_text=True, freeze_vision=True, gradient_checkpointing=True), batch)
+    none_ckpt = saved(pretrain_model(gradient_checkpointing=True), batch)
+    assert both < none and both_ckpt < both / 2 and none_ckpt < none / 2
+
+
+# -----------------------------------------------------------------------------
+# The pretraining passes give the losses and gradients of a plain reference
+
+
+def reference_losses(model, batch, shared):
+    """MLM and ITM computed the plain way: every cross-modal row of every layer, head on gathered positions."""
+    enc = model.encoder
+    image = enc.encode_image(batch["pixel_values"])
+    paired = Embedded(image.feats[batch["itm_image_index"]], image.mask[batch["itm_image_index"]])
+    labels = batch["mlm_labels"]
+    if shared:
+        mlm_fused = itm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), paired)
+        labels = torch.where(batch["itm_labels"][:, None] == 1, labels, -100)
+    else:
+        mlm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), image)
+        itm_fused = enc.fuse(enc.encode_text(batch["input_ids"], batch["attention_mask"]), paired)
+    selected = labels != -100
+    logits = model.mlm_head.decoder(model.mlm_head.transform(mlm_fused.text_feats[selected]))
+    return F.cross_entropy(logits, labels[selected]), F.cross_entropy(model.itm_head(itm_fused.pooled),
+                                                                      batch["itm_labels"])
+
+
+@pytest.mark.parametrize("pretrain_pass", ["separate", "shared"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_pretraining_passes_match_the_plain_reference(pretrain_pass, checkpointing):
+    model = pretrain_model(pretrain_pass, gradient_checkpointing=checkpointing)
+    batch = make_batch()
+    out = model(batch)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    mlm, itm = reference_losses(model, batch, pretrain_pass == "shared")
+    (mlm + itm).backward()
+    torch.testing.assert_close(out["mlm_loss"], mlm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["itm_loss"], itm, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cpu_attention_with_dropout_recomputes_exactly():
+    """Cross-modal attention with dropout on CPU keeps only q, k, v for backward and recomputes the rest with the
+    same dropout mask: outputs and gradients are those of plain scaled_dot_product_attention."""
+    attention = Attention(DIM, heads=2, dropout=0.3).train()
+    x, context = torch.randn(B, T, DIM, requires_grad=True), torch.randn(B, 5, DIM)
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * B)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (shapes.append(t.shape), t)[1], lambda t: t):
+        torch.manual_seed(0)
+        y = attention(x, context, mask)
+    assert (B, 2, T, 5) not in shapes  # no (B, h, T, S) probabilities or dropout mask kept
+    y.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(0)
+    q = attention.q(x).view(B, T, 2, DIM // 2).transpose(1, 2)
+    k, v = attention.kv(context).view(B, 5, 2, 2, DIM // 2).permute(2, 0, 3, 1, 4)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].bool(), dropout_p=0.3)
+    reference = attention.out(reference.transpose(1, 2).reshape(B, T, DIM))
+    reference.sum().backward()
+    torch.testing.assert_close(y, reference, rtol=0, atol=0)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_pass_with_no_matched_pair_still_reaches_every_head_parameter():
+    """A micro-batch of negatives only has no MLM target; the MLM head must still get (zero) gradients, or
+    DDP would wait for them."""
+    model = pretrain_model("shared")
+    batch = dict(make_batch(), itm_labels=torch.zeros(B, dtype=torch.long), itm_image_index=torch.tensor([1, 0, 3, 2]))
+    out = model(batch)
+    out["loss"].backward()
+    assert out["mlm_loss"] == 0
+    assert all(p.grad is not None and not p.grad.any() for p in model.mlm_head.parameters())
+
+
+def test_shared_pass_needs_both_tasks():
+    with pytest.raises(ValueError, match="mlm_weight > 0 and itm_weight > 0"):
+        PretrainModel(build_encoder(tiny_config(), VOCAB), VOCAB, itm_weight=0.0, pretrain_pass="shared")
+
+
+# -----------------------------------------------------------------------------
+# The frozen vision feature cache
+
+
+def cache_config(tmp_path, **overrides):
+    cfg = tiny_config(data_root=str(tmp_path / "data"), corpora=["synthetic"], synthetic_images=8,
+                      synthetic_image_size=32, micro_batch_size=4, num_workers=0, freeze_vision=True, **overrides)
+    cfg.pretrain_pass, cfg.vision_feature_cache = "separate", str(tmp_path / "cache")
+    return cfg
+
+
+def test_feature_cache_gives_the_losses_of_the_images(tmp_path):
+    cfg = cache_config(tmp_path)
+    tokenizer = data.build_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_pretrain_model(cfg, len(tokenizer))
+    apply_freezing(model, cfg)
+    model.eval()
+    dist = SimpleNamespace(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    plain = pretrain.build_data(dataclasses.replace(cfg, vision_feature_cache=""), dist, tokenizer, model)[0]
+    cached = pretrain.build_data(cfg, dist, tokenizer, model)[0]
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # the training and the held-out pictures
+    prepare = pretrain.make_prepare_batch(cfg, data.TokenizerInfo.from_tokenizer(tokenizer), dist.device)
+    items = [0, 5, 9, 17]
+    plain_batch = prepare(data.PretrainCollator(tokenizer, cfg.max_text_len)([plain[i] for i in items]), 0, 0)
+    cached_batch = prepare(data.CachedFeatureCollator(tokenizer, cfg.max_text_len)([cached[i] for i in items]), 0, 0)
+    assert "pixel_values" not in cached_batch and cached_batch["image_feats"].dtype == torch.float16
+    with torch.no_grad():
+        tower_out = model.encoder.vision_features(plain_batch["pixel_values"])
+        torch.testing.assert_close(cached_batch["image_feats"], tower_out.half(), rtol=0, atol=0)
+        plain_out, cached_out = model(plain_batch), model(cached_batch)
+    for name in ("mlm_loss", "itm_loss"):
+        torch.testing.assert_close(cached_out[name], plain_out[name], rtol=1e-3, atol=1e-3)
+    # reused, not recomputed; a different tower gets its own file
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    pretrain.build_data(cfg, dist, tokenizer, model)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == stamps
+    with torch.no_grad():
+        model.encoder.vision_tower.embeddings.cls_token.add_(1.0)
+    pretrain.build_data(cfg, dist, tokenizer, model)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 4
+
+
+def test_feature_cache_refuses_a_trainable_tower_or_augmentation(tmp_path):
+    for overrides in (dict(freeze_vision=False), dict(augment=True)):
+        cfg = dataclasses.replace(cache_config(tmp_path), **overrides)
+        with pytest.raises(ValueError, match="freeze_vision=True and augment=False"):
+            data.with_cached_vision_features(None, cfg, None, torch.device("cpu"), None)
+
+
+# -----------------------------------------------------------------------------
+# Offline paper towers and the whole script
+
+
+def test_random_init_towers_builds_the_paper_models_exact_dimensions():
+    cfg, vocab = bench.random_init_towers(engine.Config())
+    assert (cfg.text_tower, cfg.vision_tower, cfg.tokenizer, vocab) == (
+        "electra", "deit", "google/electra-small-discriminator", 30522)
+    encoder = build_encoder(cfg, vocab)  # no hub access: the tests run with HF_HUB_OFFLINE=1
+    text, vision = encoder.text_tower.config, encoder.vision_tower.config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size,
+            text.embedding_size, text.vocab_size) == (256, 12, 4, 1024, 128, 30522)
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size,
+            vision.patch_size, vision.image_size) == (192, 12, 3, 768, 16, 224)
+    with pytest.raises(ValueError, match="vision_tower 'someone/vit-huge'"):
+        bench.random_init_towers(engine.Config(vision_tower="someone/vit-huge"))
+
+
+def test_bench_runs_and_writes_its_table(tmp_path, capsys):
+    config = tmp_path / "tiny.py"
+    config.write_text("".join(f"{key} = {value!r}\n" for key, value in TINY.items()))
+    report = bench.main([str(config), "--data=random", "--steps=2", "--warmup=0", "--peak_tflops=1",
+                         "--variants=none,vision+shared+ckpt+cache", f"--json={tmp_path / 'bench.json'}",
+                         "--micro_batch_size=4", "--batch_size=4"])
+    assert json.loads((tmp_path / "bench.json").read_text())["variants"] == report["variants"]
+    none, lean = report["variants"]
+    assert lean["trainable_params"] < none["trainable_params"] == none["total_params"]
+    assert lean["saved_activation_bytes"] < none["saved_activation_bytes"]
+    assert lean["flops_per_sample"] < none["flops_per_sample"]
+    for row in report["variants"]:
+        assert row["samples_per_sec"] > 0 and row["mfu"] > 0 and row["peak_memory_bytes"] > 0
+    printed = capsys.readouterr().out
+    assert "GFLOP/sample" in printed and "vision+shared+ckpt+cache" in printed
