@@ -36,7 +36,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -387,10 +389,26 @@ def parse_args(argv):
     parser.add_argument("--random_init_towers", action="store_true")
     parser.add_argument("--peak_tflops", type=float, default=0.0)
     parser.add_argument("--json", default="")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # measure one variant, write its row
     args, rest = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise engine.ConfigError(f"--steps={args.steps} must be at least 1 and --warmup={args.warmup} not negative")
     return args, rest
+
+
+def run_child(variant, argv, peak_flops, json_path):
+    """Measure one variant in a process of its own (so peak memory is its own, not the largest so far) and
+    return its row; a failure there is raised here with the child's error line."""
+    options = [a for a in argv if not a.startswith(("--variants=", "--json=", "--peak_tflops="))]
+    command = [sys.executable, os.path.abspath(__file__), *options, f"--variants={variant}", "--child",
+               f"--json={json_path}", f"--peak_tflops={peak_flops / 1e12!r}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        message = lines[-1].removeprefix("error: ")
+        raise (FloatingPointError if done.returncode == 3 else ValueError)(f"variant '{variant}': {message}")
+    with open(json_path) as f:
+        return json.load(f)
 
 
 def main(argv):
@@ -403,36 +421,54 @@ def main(argv):
     if dist.is_ddp:
         raise ValueError("bench.py measures one process: run it with python, not torchrun")
     engine.autocast_context(dist.device, cfg.dtype)  # refuses float16 on CPU before any work
-    tokenizer = None
-    if args.data == "loader" or vocab_size is None:
-        tokenizer = data.build_tokenizer(cfg)
-        if vocab_size is not None and len(tokenizer) > vocab_size:
-            raise ValueError(f"tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens, more than the paper model's "
-                             f"{vocab_size}")
-    tokenizer_info = data.TokenizerInfo.from_tokenizer(tokenizer) if tokenizer is not None else PAPER_TOKENIZER_INFO
-    vocab_size = vocab_size or len(tokenizer)
+    variants = args.variants.split(",")
+    for variant in variants:
+        variant_config(cfg, variant)  # an unknown variant fails now, not after the others ran
+
+    if args.child:
+        tokenizer = None
+        if args.data == "loader" or vocab_size is None:
+            tokenizer = data.build_tokenizer(cfg)
+            if vocab_size is not None and len(tokenizer) > vocab_size:
+                raise ValueError(f"tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens, more than the paper "
+                                 f"model's {vocab_size}")
+        info = data.TokenizerInfo.from_tokenizer(tokenizer) if tokenizer is not None else PAPER_TOKENIZER_INFO
+        args.peak_flops = args.peak_tflops * 1e12
+        row = bench_variant(variants[0], cfg, dist, vocab_size or len(tokenizer), tokenizer, info, args)
+        with open(args.json, "w") as f:  # the parent's temporary directory
+            json.dump(row, f)
+        return row
+
     load_start = os.getloadavg()
-    args.peak_flops, peak_source = device_peak(dist.device, cfg.dtype, args.peak_tflops)
+    peak_flops, peak_source = device_peak(dist.device, cfg.dtype, args.peak_tflops)
     command = "python bench.py " + " ".join(argv)
     print(f"{command}\nmachine: {machine_description(dist.device)}\n"
           f"dtype {cfg.dtype} | micro batch {cfg.micro_batch_size} | image {cfg.image_size} | text "
           f"{cfg.max_text_len} tokens | data {args.data} | {args.warmup} warm-up + {args.steps} timed steps (medians)\n"
-          f"peak {args.peak_flops / 1e9:.1f} GFLOP/s ({peak_source}) | load average {load_start[0]:.2f}")
+          f"peak {peak_flops / 1e9:.1f} GFLOP/s ({peak_source}) | load average {load_start[0]:.2f}")
+    if dist.device.type == "cpu" and cfg.dtype != "float32" and args.peak_tflops <= 0:
+        fp32 = measure_gemm_peak(dist.device, "float32")
+        if fp32 > peak_flops:
+            print(f"note: this CPU multiplies {cfg.dtype} matrices {fp32 / peak_flops:.0f}x slower than float32 "
+                  f"({fp32 / 1e9:.1f} GFLOP/s): it has no native {cfg.dtype} matmul, so autocast slows training down")
     rows = []
-    for variant in args.variants.split(","):
-        rows.append(bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, args))
-        print(format_table(rows[-1:]) if len(rows) == 1 else format_table(rows[-1:]).splitlines()[1], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, variant in enumerate(variants):
+            rows.append(run_child(variant, argv, peak_flops, os.path.join(tmp, f"{i}.json")))
+            table = format_table(rows[-1:]).splitlines()
+            print("\n".join(table if i == 0 else table[1:]), flush=True)
     load_end = os.getloadavg()
     print(f"load average at the end {load_end[0]:.2f}")
     report = {"command": command, "machine": machine_description(dist.device), "dtype": cfg.dtype,
               "micro_batch_size": cfg.micro_batch_size, "image_size": cfg.image_size,
               "max_text_len": cfg.max_text_len, "data": args.data, "random_init_towers": args.random_init_towers,
-              "warmup": args.warmup, "steps": args.steps, "peak_flops": args.peak_flops, "peak_source": peak_source,
+              "warmup": args.warmup, "steps": args.steps, "peak_flops": peak_flops, "peak_source": peak_source,
               "load_average": [load_start[0], load_end[0]], "config": dataclasses.asdict(cfg), "variants": rows}
     path = args.json or os.path.join(cfg.out_dir, "bench.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # written whole, then renamed: never half a report
         json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
     print(f"wrote {path}")
     return report
 

@@ -15,8 +15,8 @@ import bench
 import data
 import engine
 import pretrain
-from model import (Attention, Embedded, PretrainModel, apply_freezing, build_encoder, build_pretrain_model,
-                   enable_gradient_checkpointing)
+from model import (Attention, Embedded, PretrainModel, apply_freezing, attention_with_dropout, build_encoder,
+                   build_pretrain_model, dropout, enable_gradient_checkpointing)
 from tiny import TINY, tiny_config
 
 VOCAB = 60
@@ -129,7 +129,7 @@ def test_pretraining_passes_match_the_plain_reference(pretrain_pass, checkpointi
 
 def test_cpu_attention_with_dropout_recomputes_exactly():
     """Cross-modal attention with dropout on CPU keeps only q, k, v for backward and recomputes the rest with the
-    same dropout mask: outputs and gradients are those of plain scaled_dot_product_attention."""
+    same dropout mask: outputs and gradients are those of the written-out attention that keeps everything."""
     attention = Attention(DIM, heads=2, dropout=0.3).train()
     x, context = torch.randn(B, T, DIM, requires_grad=True), torch.randn(B, 5, DIM)
     mask = torch.tensor([[1, 1, 1, 0, 0]] * B)
@@ -137,18 +137,39 @@ def test_cpu_attention_with_dropout_recomputes_exactly():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: (shapes.append(t.shape), t)[1], lambda t: t):
         torch.manual_seed(0)
         y = attention(x, context, mask)
-    assert (B, 2, T, 5) not in shapes  # no (B, h, T, S) probabilities or dropout mask kept
+    assert (B, 2, T, 5) not in shapes  # no (B, h, T, S) weights or dropout mask kept
     y.sum().backward()
     grad = x.grad.clone()
     x.grad = None
     torch.manual_seed(0)
     q = attention.q(x).view(B, T, 2, DIM // 2).transpose(1, 2)
     k, v = attention.kv(context).view(B, 5, 2, 2, DIM // 2).permute(2, 0, 3, 1, 4)
-    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].bool(), dropout_p=0.3)
+    reference = attention_with_dropout(q, k, v, mask[:, None, None, :].bool(), 0.3)
     reference = attention.out(reference.transpose(1, 2).reshape(B, T, DIM))
     reference.sum().backward()
     torch.testing.assert_close(y, reference, rtol=0, atol=0)
     torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-6)
+    # without dropout it is scaled_dot_product_attention, masked keys and all
+    q, k, v = torch.randn(B, 2, T, 8), torch.randn(B, 2, 5, 8), torch.randn(B, 2, 5, 8)
+    torch.testing.assert_close(attention_with_dropout(q, k, v, mask[:, None, None, :].bool(), 0.0),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].bool()))
+
+
+def test_cpu_dropout_rate_scale_and_gradient():
+    torch.manual_seed(0)
+    x = torch.ones(2_000_000, requires_grad=True)
+    y = dropout(x, 0.1)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.002 and abs(y.mean().item() - 1.0) < 0.005
+    kept = y[y != 0]
+    assert torch.all(kept == kept[0]) and abs(kept[0].item() * (1 - 0.1) - 1) < 1e-4
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, 2 * y.detach())  # the same mask and scale in backward
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1), y)  # torch's generator: seeded as usual
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
+    zeros = torch.empty(7, 3).random_()  # odd element count: half of the last int32 draw goes unused
+    assert dropout(zeros, 0.5).shape == (7, 3)
 
 
 def test_shared_pass_with_no_matched_pair_still_reaches_every_head_parameter():
@@ -250,3 +271,22 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys):
         assert row["samples_per_sec"] > 0 and row["mfu"] > 0 and row["peak_memory_bytes"] > 0
     printed = capsys.readouterr().out
     assert "GFLOP/sample" in printed and "vision+shared+ckpt+cache" in printed
+
+
+def test_compiled_model_with_a_frozen_tower_matches_eager():
+    """torch.compile traces the pretraining model with a frozen tower (the aot_eager backend: the same graph
+    capture and autograd as inductor, without generating C++), giving eager's losses and gradients and no
+    gradient to the frozen tower."""
+    model = pretrain_model("shared", freeze_vision=True, cross_dropout=0.0)
+    batch = make_batch()
+    eager = model(batch)
+    eager["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="aot_eager")(batch)
+    compiled["loss"].backward()
+    torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-5, atol=1e-6)
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(grads)
+    assert not any(n.startswith("encoder.vision_tower") for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
