@@ -22,7 +22,9 @@ Config overrides (--key=value) work as for pretrain.py. Bench options:
 
 One step is one micro-batch (micro_batch_size samples) forward and backward, then the optimizer step as
 engine.train takes it (clipping, the finiteness check, AdamW); batch_size and accumulation play no part.
-FLOPs are counted (torch.utils.flop_counter) on one step's forward and backward; activation bytes are those
+FLOPs are counted (torch.utils.flop_counter) on one step's forward and backward: model FLOPs, which MFU uses,
+leave recomputation out (gradient checkpointing, CPU attention with dropout); executed FLOPs, in the JSON,
+count it. Each variant runs in a process of its own. Activation bytes are those
 autograd saves for backward in one forward (saved-tensor hooks; parameters excluded). Peak memory is CUDA's max
 allocated over the timed steps, or on CPU the peak resident set size over them.
 """
@@ -181,6 +183,16 @@ def step_flops(model, batch, autocast):
     return counter.get_total_flops()
 
 
+def model_flops_twin(cfg, vocab_size, device):
+    """The variant's model as MFU counts it: the same computation without recomputation, i.e. without gradient
+    checkpointing and with the cross-modal attention on its fused path (on CPU, attention with dropout is
+    recomputed in backward; dropout itself costs no FLOPs)."""
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=False, cross_dropout=0.0)
+    model = build_pretrain_model(cfg, vocab_size)
+    apply_freezing(model, cfg)
+    return model.to(device).train()
+
+
 def saved_activation_bytes(model, batch, autocast):
     """Bytes of the distinct storages autograd saves for backward in one training forward. Parameters and
     buffers are left out: they are held anyway. Checkpointed blocks save only their inputs, so they count so."""
@@ -319,7 +331,8 @@ def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, arg
     model.train()
 
     first = prepare_batch(next(batches), "bench", 0)
-    flops = step_flops(model, first, autocast)
+    executed_flops = step_flops(model, first, autocast)
+    flops = step_flops(model_flops_twin(cfg, vocab_size, device), first, autocast)
     saved = saved_activation_bytes(model, first, autocast)
     samples = len(first["itm_labels"])
 
@@ -343,7 +356,8 @@ def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, arg
     samples_per_sec = samples / step_seconds
     trainable, total = parameter_summary(model)[-1][1:]
     return {"variant": variant, "samples": samples, "trainable_params": trainable, "total_params": total,
-            "flops_per_sample": flops / samples, "samples_per_sec": samples_per_sec,
+            "flops_per_sample": flops / samples, "executed_flops_per_sample": executed_flops / samples,
+            "samples_per_sec": samples_per_sec,
             "mfu": flops / samples * samples_per_sec / args.peak_flops,
             "data_ms": 1e3 * statistics.median(data_seconds), "compute_ms": 1e3 * statistics.median(compute_seconds),
             "peak_memory_bytes": peak_memory(device) if has_peak else None, "saved_activation_bytes": saved,

@@ -306,6 +306,32 @@ def _write_json(path, obj):
         json.dump(obj, f)
 
 
+def generate_once(target, marker, generate, local_rank, timeout_seconds, what):
+    """Make folder `target` (complete once it holds `marker`) exactly once across processes and nodes: local
+    rank 0 runs generate(staging) into a hidden temporary folder beside it and renames that onto `target` in
+    one atomic step (if two nodes race, the first rename wins and the loser discards its copy); every rank then
+    waits for `marker`. A `target` without `marker` is refused: it is not `what` this code generates."""
+    target, marker = Path(target), Path(marker)
+    if target.exists() and not marker.exists():
+        raise ValueError(f"{target} exists but holds no {marker.name}, so it is not {what}; delete it")
+    if not target.exists() and local_rank == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            generate(staging)
+            os.rename(staging, target)
+        except OSError:
+            if not marker.exists():  # not a lost race with another node: a real failure
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    deadline = time.monotonic() + timeout_seconds
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_seconds:.0f}s for local rank 0 to generate {target}")
+        time.sleep(0.2)
+
+
 def ensure_synthetic_world(cfg, dist=None, timeout_seconds=3600.0):
     """Path of data_root/synthetic, generating it first if missing (cfg.synthetic_images scenes of
     cfg.synthetic_image_size pixels from cfg.synthetic_seed).
@@ -321,24 +347,9 @@ def ensure_synthetic_world(cfg, dist=None, timeout_seconds=3600.0):
     marker = root / "world.json"
     wanted = _world_params(cfg.synthetic_images, cfg.synthetic_seed, cfg.synthetic_image_size)
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if dist is None else dist.local_rank
-    if root.exists() and not marker.exists():
-        raise ValueError(f"{root} exists but holds no world.json, so it is not a synthetic world; delete it")
-    if not root.exists() and local_rank == 0:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root.parent))
-        try:
-            generate_synthetic_world(staging, cfg.synthetic_images, cfg.synthetic_seed, cfg.synthetic_image_size)
-            os.rename(staging, root)
-        except OSError:
-            if not marker.exists():  # not a lost race: a real failure
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    deadline = time.monotonic() + timeout_seconds
-    while not marker.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_seconds:.0f}s for local rank 0 to generate {marker}")
-        time.sleep(0.2)
+    generate_once(root, marker, lambda staging: generate_synthetic_world(
+        staging, cfg.synthetic_images, cfg.synthetic_seed, cfg.synthetic_image_size), local_rank, timeout_seconds,
+        "a synthetic world")
     found = _load_json(marker)
     if found != wanted:
         raise ValueError(f"{marker}: world generated with {found}, config asks for {wanted} "

@@ -233,7 +233,7 @@ def attention_with_dropout(q, k, v, attn_mask, p):
     k and v (B, h, S, d), attn_mask (B, 1, 1, S) bool (True = attend) or None -> (B, h, T, d)."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, T, S)
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        scores.masked_fill_(~attn_mask, float("-inf"))  # in place: the product's backward does not read it
     return dropout(scores.softmax(-1), p) @ v
 
 

@@ -31,7 +31,6 @@ import pickle
 import re
 import shutil
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -282,30 +281,19 @@ SYNTHETIC_MARKER = "synthetic.json"  # written last into each generated folder: 
 def ensure_generated(world_root: Path, folder: str, generate, seed: int, timeout_seconds=3600.0) -> Path:
     """world_root/folder, generating it first with generate(staging_dir, world_root, rng) if missing.
 
-    As for the world itself (data.ensure_synthetic_world): local rank 0 writes into a hidden temporary folder
+    As for the world itself (data.generate_once): local rank 0 writes into a hidden temporary folder
     beside the target and renames it into place in one step, so the folder is complete or absent; the other
     local ranks wait for its marker. The rng depends only on (seed, folder): the files are deterministic."""
     target = Path(world_root) / folder
     marker = target / SYNTHETIC_MARKER
     wanted = {"version": SYNTHETIC_VERSION, "seed": seed}
-    if target.exists() and not marker.exists():
-        raise ValueError(f"{target} exists but holds no {SYNTHETIC_MARKER}, so it is not a synthetic task; delete it")
-    if not target.exists() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=world_root))
-        try:
-            generate(staging, Path(world_root), np.random.default_rng([seed, zlib.crc32(folder.encode())]))
-            (staging / SYNTHETIC_MARKER).write_text(json.dumps(wanted))
-            os.rename(staging, target)
-        except OSError:
-            if not marker.exists():  # not a lost race with another node: a real failure
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    deadline = time.monotonic() + timeout_seconds
-    while not marker.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_seconds:.0f}s for local rank 0 to generate {target}")
-        time.sleep(0.2)
+
+    def write(staging):
+        generate(staging, Path(world_root), np.random.default_rng([seed, zlib.crc32(folder.encode())]))
+        (staging / SYNTHETIC_MARKER).write_text(json.dumps(wanted))
+
+    data.generate_once(target, marker, write, int(os.environ.get("LOCAL_RANK", "0")), timeout_seconds,
+                       "a synthetic task")
     found = _read_json(marker)
     if found != wanted:
         raise ValueError(f"{marker}: generated with {found}, this code writes {wanted}; delete {target}")

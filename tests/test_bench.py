@@ -267,6 +267,8 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys):
     assert lean["trainable_params"] < none["trainable_params"] == none["total_params"]
     assert lean["saved_activation_bytes"] < none["saved_activation_bytes"]
     assert lean["flops_per_sample"] < none["flops_per_sample"]
+    # recomputation is executed but is not model FLOPs
+    assert lean["executed_flops_per_sample"] > lean["flops_per_sample"]
     for row in report["variants"]:
         assert row["samples_per_sec"] > 0 and row["mfu"] > 0 and row["peak_memory_bytes"] > 0
     printed = capsys.readouterr().out
