@@ -103,6 +103,7 @@ def main(argv):
     for name in unused:
         model.get_submodule(name).requires_grad_(False)
     model.frozen_modules += unused
+    engine.require_trainable(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.to(dist.device)
@@ -123,10 +124,12 @@ def main(argv):
         max_items = cfg.eval_batches * cfg.micro_batch_size * dist.world_size
         return task.evaluate(model, val_set, val_split, tokenizer, cfg, dist, max_items=max_items)[0]
 
-    engine.prepare_run_dir(cfg, dist)  # only once data and model are known good: bad input leaves nothing behind
-    if dist.master:
-        with open(os.path.join(cfg.out_dir, "labels.json"), "w") as f:
+    if dist.master:  # only once data and model are known good: bad input leaves nothing behind
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        path = os.path.join(cfg.out_dir, "labels.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(label_names, f)
+        os.replace(path + ".tmp", path)
     lr_scales = {"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads}
     engine.train(cfg, dist, model, loader, prepare_batch, evaluate,
                  lr_scales={k: v for k, v in lr_scales.items() if k in model.module_groups()})
