@@ -66,7 +66,7 @@ RELATIONS = ("left of", "right of", "above", "below")
 # from these constants, and a test checks that no caption tokenizes to [UNK].
 GRAMMAR_WORDS = ("a", "and", "are", "at", "bottom", "in", "is", "left", "middle", "of", "on", "right",
                  "the", "there", "top", ",",
-                 # the synthetic downstream tasks' statements, hypotheses and questions (tasks.py)
+                 # the synthetic downstream tasks' statements, hypotheses and questions (tasks/)
                  "both", "colour", "heavy", "how", "image", "images", "many", "moving", "object", "shape",
                  "what", "where", "wooden", "?")
 BACKGROUND = (35, 35, 35)

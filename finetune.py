@@ -30,6 +30,7 @@ import tasks
 from model import (apply_freezing, build_encoder, enable_gradient_checkpointing, format_parameter_summary,
                    load_checked, resize_position_embeddings)
 from pretrain import batch_generator
+from tasks.common import to_device, unused_modules
 
 # The keys that decide the encoder's parameters and what its inputs mean: a fine-tuned model must have them as
 # the pretrained one did. image_size is not among them (position embeddings are interpolated), nor is dropout.
@@ -40,7 +41,7 @@ ARCHITECTURE_KEYS = (
     "cross_layers", "cross_hidden", "cross_heads", "cross_mlp_ratio", "onetower_stack", "pooling",
     "image_mean", "image_std")
 PRETRAINING_HEADS = ("mlm_head.", "itm_head.")  # in a pretraining checkpoint, unused by downstream models
-NEW_HEAD = "head."  # every downstream model's head (tasks.py)
+NEW_HEAD = "head."  # every downstream model's head (tasks/)
 
 
 def pretraining_checkpoint(init_from):
@@ -99,7 +100,7 @@ def main(argv):
     loaded = load_pretrained(model, task, pretrained["model"], source) if pretrained and not resuming else None
     del pretrained
     apply_freezing(model, cfg)  # freeze, then checkpointing, then (in engine.train) DDP and the optimizer
-    unused = tasks.unused_modules(model, task.inputs)
+    unused = unused_modules(model, task.inputs)
     for name in unused:
         model.get_submodule(name).requires_grad_(False)
     model.frozen_modules += unused
@@ -118,7 +119,7 @@ def main(argv):
     loader = data.build_loader(train_set, cfg, dist.rank, dist.world_size, cfg.seed, task.train_collate(tokenizer, cfg))
 
     def prepare_batch(batch, *key):  # per-step draws (retrieval negatives) seeded by the batch's place in the run
-        return tasks.to_device(task.prepare(batch, batch_generator(cfg.seed, *key), cfg), dist.device)
+        return to_device(task.prepare(batch, batch_generator(cfg.seed, *key), cfg), dist.device)
 
     def evaluate(model):  # engine.train calls it on every process in eval mode, under no_grad and autocast
         max_items = cfg.eval_batches * cfg.micro_batch_size * dist.world_size

@@ -16,11 +16,14 @@ import pytest
 import torch
 from transformers import BeitConfig, BeitModel
 
+import data
 import engine
 import evaluate
 import finetune
 import tasks
 from model import build_pretrain_model, resize_position_embeddings
+from tasks.common import unused_modules
+from tasks.vqa import vqa_score
 from tiny import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +73,7 @@ def vqa_majority(data_root, out_dir):
     cfg = tiny_config(data_root=data_root, **WORLD, vqa_min_answer_count=9)
     vocab = json.load(open(os.path.join(out_dir, "labels.json")))
     val = tasks.TASKS["vqa"].eval_dataset(cfg, "val2014", lambda image: image, vocab)
-    return tasks.vqa_score([vocab[0]] * len(val), [val.human_answers(i) for i in range(len(val))])
+    return vqa_score([vocab[0]] * len(val), [val.human_answers(i) for i in range(len(val))])
 
 
 def pretraining_checkpoint_from(run_dir, path):
@@ -211,7 +214,7 @@ def save_pretraining_checkpoint(out_dir, **overrides):
     """A PretrainModel checkpoint in pretrain.py's format (model state and resolved config), untrained."""
     cfg = tiny_config(**overrides)
     torch.manual_seed(0)
-    model = build_pretrain_model(cfg, len(tasks.data.synthetic_tokenizer()))
+    model = build_pretrain_model(cfg, len(data.synthetic_tokenizer()))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "ckpt_7.pt")
     torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "step": 7}, path)
@@ -320,7 +323,7 @@ def test_unimodal_tasks_through_either_model_type(data_root, tmp_path, task, mod
     _, val = run(data_root, out, task, 2, init_from=path, eval_batches=2)
     assert set(val[-1]) == {"step", "split", tasks.TASKS[task].metrics[0]} | (
         {"stsb_spearman"} if task == "stsb" else set())
-    unused = tasks.unused_modules(tasks.TASKS[task].build_model(build_pretrain_model(
+    unused = unused_modules(tasks.TASKS[task].build_model(build_pretrain_model(
         tiny_config(model_type=model_type), 40).encoder, ["a", "b"]), tasks.TASKS[task].inputs)
     assert unused and f"so not trained: {', '.join(unused)}" in capsys.readouterr().out
     weights = final_weights(out)

@@ -16,6 +16,17 @@ from PIL import Image
 
 import tasks
 from data import SHAPES, synthetic_tokenizer
+from tasks.cifar10 import CIFAR10Dataset
+from tasks.common import Collator
+from tasks.glue import GLUE_FORMATS, GLUE_SYNTHETIC_SIZES, GLUEDataset, glue_metrics
+from tasks.metrics import accuracy, average_ranks, f1_binary, matthews_corrcoef, pearson, spearman
+from tasks.nlvr2 import NLVR2Dataset, nlvr2_consistency, nlvr2_sentence_key
+from tasks.refcoco import BoxScoringHead, RefCOCODataset
+from tasks.retrieval import load_retrieval_split, retrieval_recall, sample_negative_images
+from tasks.snli_ve import SNLIVEDataset
+from tasks.synthetic import SYNTHETIC_MARKER
+from tasks.vqa import (VQADataset, build_answer_vocab, heldout_split_by_image, normalize_answer, read_vqa_annotations,
+                       vqa_accuracy, vqa_score, vqa_soft_score, write_vqa_results)
 
 
 def to_tensor(image):  # PIL RGB -> (3, H, W) uint8, so tests can check pixels
@@ -63,15 +74,15 @@ def test_registry_names_match_what_the_metrics_return():
         assert task.name == name and task.metrics and task.eval_splits and task.train_splits
         assert task.val_split not in task.train_splits
         assert all(metric.startswith(name.removesuffix("_retrieval")) for metric in task.metrics)
-    for name, fmt in tasks.GLUE_FORMATS.items():
+    for name, fmt in GLUE_FORMATS.items():
         task = tasks.TASKS[name]
         preds, labels = ([0.5, 1.5, 2.5], [1.0, 2.0, 2.5]) if name == "stsb" else ([0, 1, 1], [1, 1, 0])
         logged = {}
         for split in task.eval_splits:
-            logged.update(tasks.glue_metrics(name, preds, labels, split))
+            logged.update(glue_metrics(name, preds, labels, split))
         assert tuple(logged) == task.metrics
         assert len(task.label_names(None)) == (1 if fmt.labels is None else len(fmt.labels))
-    recalls = tasks.retrieval_recall(np.eye(2), [0, 1])
+    recalls = retrieval_recall(np.eye(2), [0, 1])
     assert set(tasks.TASKS["coco_retrieval"].metrics) == {f"coco_{k}" for k in recalls}
     assert set(tasks.TASKS["f30k_retrieval"].metrics) == {f"f30k_{k}" for k in recalls}
     with pytest.raises(ValueError, match="task='nlvr' is not a downstream task; choose from nlvr2, snli_ve"):
@@ -83,58 +94,58 @@ def test_registry_names_match_what_the_metrics_return():
 
 
 def test_accuracy_and_shape_checks():
-    assert tasks.accuracy([1, 0, 2, 2], [1, 1, 2, 0]) == 0.5
+    assert accuracy([1, 0, 2, 2], [1, 1, 2, 0]) == 0.5
     with pytest.raises(ValueError, match="accuracy"):
-        tasks.accuracy([1, 0], [1])
+        accuracy([1, 0], [1])
     with pytest.raises(ValueError, match="accuracy"):
-        tasks.accuracy([], [])
+        accuracy([], [])
 
 
 def test_matthews_corrcoef_hand_computed():
     # tp=2, tn=1, fp=1, fn=1: (2*1 - 1*1) / sqrt(3 * 3 * 2 * 2) = 1/6
-    assert tasks.matthews_corrcoef([1, 1, 0, 0, 1], [1, 0, 0, 1, 1]) == pytest.approx(1 / 6)
-    assert tasks.matthews_corrcoef([1, 0, 1, 0], [1, 0, 1, 0]) == pytest.approx(1.0)
-    assert tasks.matthews_corrcoef([0, 1, 0, 1], [1, 0, 1, 0]) == pytest.approx(-1.0)
-    assert tasks.matthews_corrcoef([1, 1, 1, 1], [1, 0, 1, 0]) == 0.0  # constant predictor: undefined -> 0
+    assert matthews_corrcoef([1, 1, 0, 0, 1], [1, 0, 0, 1, 1]) == pytest.approx(1 / 6)
+    assert matthews_corrcoef([1, 0, 1, 0], [1, 0, 1, 0]) == pytest.approx(1.0)
+    assert matthews_corrcoef([0, 1, 0, 1], [1, 0, 1, 0]) == pytest.approx(-1.0)
+    assert matthews_corrcoef([1, 1, 1, 1], [1, 0, 1, 0]) == 0.0  # constant predictor: undefined -> 0
     with pytest.raises(ValueError, match="0 or 1"):
-        tasks.matthews_corrcoef([2, 0], [1, 0])
+        matthews_corrcoef([2, 0], [1, 0])
 
 
 def test_f1_positive_class_is_one():
     # tp=2, fp=1, fn=1 -> 4 / 6; swapping the roles of 0 and 1 gives a different number (tp=1: 2/4)
-    assert tasks.f1_binary([1, 1, 0, 0, 1], [1, 0, 0, 1, 1]) == pytest.approx(2 / 3)
-    assert tasks.f1_binary([0, 0, 1, 1, 0], [0, 1, 1, 0, 0]) == pytest.approx(1 / 2)
-    assert tasks.f1_binary([0, 0], [1, 1]) == 0.0
+    assert f1_binary([1, 1, 0, 0, 1], [1, 0, 0, 1, 1]) == pytest.approx(2 / 3)
+    assert f1_binary([0, 0, 1, 1, 0], [0, 1, 1, 0, 0]) == pytest.approx(1 / 2)
+    assert f1_binary([0, 0], [1, 1]) == 0.0
 
 
 def test_pearson_hand_computed():
     # x - mean = (-1, 0, 1), y - mean = (-7/3, -1/3, 8/3): r = 5 / sqrt(2 * 114/9)
-    assert tasks.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / math.sqrt(2 * 114 / 9))
-    assert tasks.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert tasks.pearson([1, 1, 1], [1, 2, 3]) == 0.0
+    assert pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / math.sqrt(2 * 114 / 9))
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([1, 1, 1], [1, 2, 3]) == 0.0
 
 
 def test_spearman_uses_average_ranks_for_ties():
-    np.testing.assert_allclose(tasks.average_ranks([10, 20, 20, 30]), [1, 2.5, 2.5, 4])
-    np.testing.assert_allclose(tasks.average_ranks([3, 1, 3, 3, 0]), [4, 2, 4, 4, 1])
+    np.testing.assert_allclose(average_ranks([10, 20, 20, 30]), [1, 2.5, 2.5, 4])
+    np.testing.assert_allclose(average_ranks([3, 1, 3, 3, 0]), [4, 2, 4, 4, 1])
     # ranks (1, 2.5, 2.5, 4) vs (1, 3, 2, 4): sum dx*dy = 4.5, sum dx^2 = 4.5, sum dy^2 = 5
-    assert tasks.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
-    assert tasks.spearman([1, 5, 10, 100], [0, 1, 2, 3]) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert spearman([1, 5, 10, 100], [0, 1, 2, 3]) == pytest.approx(1.0)  # monotone, not linear
 
 
 def test_glue_metrics_dispatch():
-    assert tasks.glue_metrics("cola", [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]) == {"cola_mcc": pytest.approx(1 / 6)}
-    mrpc = tasks.glue_metrics("mrpc", [1, 1, 0, 0, 1], [1, 0, 0, 1, 1])
+    assert glue_metrics("cola", [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]) == {"cola_mcc": pytest.approx(1 / 6)}
+    mrpc = glue_metrics("mrpc", [1, 1, 0, 0, 1], [1, 0, 0, 1, 1])
     assert mrpc == {"mrpc_f1": pytest.approx(2 / 3), "mrpc_acc": pytest.approx(0.6)}
-    assert set(tasks.glue_metrics("qqp", [1, 0], [1, 0])) == {"qqp_f1", "qqp_acc"}
-    assert set(tasks.glue_metrics("stsb", [0.1, 2.0, 4.0], [1.0, 2.0, 3.0])) == {"stsb_pearson", "stsb_spearman"}
-    assert tasks.glue_metrics("mnli", [0, 1], [0, 2], "dev_matched") == {"mnli_m_acc": 0.5}
-    assert tasks.glue_metrics("mnli", [0, 1], [0, 1], "dev_mismatched") == {"mnli_mm_acc": 1.0}
-    assert tasks.glue_metrics("rte", [0, 1], [0, 0]) == {"rte_acc": 0.5}
+    assert set(glue_metrics("qqp", [1, 0], [1, 0])) == {"qqp_f1", "qqp_acc"}
+    assert set(glue_metrics("stsb", [0.1, 2.0, 4.0], [1.0, 2.0, 3.0])) == {"stsb_pearson", "stsb_spearman"}
+    assert glue_metrics("mnli", [0, 1], [0, 2], "dev_matched") == {"mnli_m_acc": 0.5}
+    assert glue_metrics("mnli", [0, 1], [0, 1], "dev_mismatched") == {"mnli_mm_acc": 1.0}
+    assert glue_metrics("rte", [0, 1], [0, 0]) == {"rte_acc": 0.5}
     with pytest.raises(ValueError, match="dev_matched"):
-        tasks.glue_metrics("mnli", [0], [0])
+        glue_metrics("mnli", [0], [0])
     with pytest.raises(ValueError, match="unknown GLUE task 'ax'"):
-        tasks.glue_metrics("ax", [0], [0])
+        glue_metrics("ax", [0], [0])
 
 
 @pytest.mark.parametrize("raw, normalized", [
@@ -146,42 +157,42 @@ def test_glue_metrics_dispatch():
     ("  left\tside\n", "left side"), ("men's", "men's"),
 ])
 def test_normalize_answer_official_rules(raw, normalized):
-    assert tasks.normalize_answer(raw) == normalized
+    assert normalize_answer(raw) == normalized
 
 
 def test_vqa_accuracy_leave_one_out():
     # m of the ten humans agree with the prediction: each subset leaving one out scores min(1, matches/3)
     for matches, expected in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]:
         humans = ["cat"] * matches + ["dog"] * (10 - matches)
-        assert tasks.vqa_accuracy("cat", humans) == pytest.approx(expected)
-        assert tasks.vqa_soft_score(matches) == pytest.approx(expected)
+        assert vqa_accuracy("cat", humans) == pytest.approx(expected)
+        assert vqa_soft_score(matches) == pytest.approx(expected)
     # the prediction is always normalised
-    assert tasks.vqa_accuracy("Two", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("Two", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
 
 
 def test_vqa_accuracy_normalises_human_answers_only_when_they_differ():
     # differing answers get the punctuation rule: "dog." and "dog" both become "dog"
-    assert tasks.vqa_accuracy("Dog", ["dog."] * 5 + ["dog"] * 5) == pytest.approx(1.0)
+    assert vqa_accuracy("Dog", ["dog."] * 5 + ["dog"] * 5) == pytest.approx(1.0)
     # ten identical answers are compared as given, as the official script does
-    assert tasks.vqa_accuracy("dog.", ["dog."] * 10) == 0.0
-    assert tasks.vqa_accuracy("Yes", ["yes"] * 10) == 1.0
-    assert tasks.vqa_score(["Yes", "cat"], [["yes"] * 10, ["cat"] * 2 + ["dog"] * 8]) == pytest.approx(0.8)
+    assert vqa_accuracy("dog.", ["dog."] * 10) == 0.0
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 1.0
+    assert vqa_score(["Yes", "cat"], [["yes"] * 10, ["cat"] * 2 + ["dog"] * 8]) == pytest.approx(0.8)
 
 
 def test_build_answer_vocab_counts_normalised_answers():
     anns = [{"multiple_choice_answer": a} for a in ["Two"] * 3 + ["2"] * 2 + ["yes"] * 5 + ["the cat"] * 4 + ["no"]]
-    assert tasks.build_answer_vocab(anns, min_count=4) == ["2", "yes", "cat"]  # count 5, 5, 4; ties alphabetical
-    assert tasks.build_answer_vocab(anns, min_count=1) == ["2", "yes", "cat", "no"]
+    assert build_answer_vocab(anns, min_count=4) == ["2", "yes", "cat"]  # count 5, 5, 4; ties alphabetical
+    assert build_answer_vocab(anns, min_count=1) == ["2", "yes", "cat", "no"]
 
 
 def test_nlvr2_consistency_groups_by_sentence():
     identifiers = ["dev-1-0-0", "dev-1-1-0", "dev-1-2-0", "dev-1-0-1", "dev-1-3-1", "dev-2-0-0"]
-    keys = [tasks.nlvr2_sentence_key(i) for i in identifiers]
+    keys = [nlvr2_sentence_key(i) for i in identifiers]
     assert keys[:3] == ["dev-1--0"] * 3 and keys[3:5] == ["dev-1--1"] * 2 and keys[5] == "dev-2--0"
     labels = [1, 0, 1, 1, 0, 0]
     preds = [1, 0, 1, 1, 1, 0]  # sentence dev-1--1 has one wrong pair
-    assert tasks.nlvr2_consistency(keys, preds, labels) == pytest.approx(2 / 3)
-    assert tasks.accuracy(preds, labels) == pytest.approx(5 / 6)
+    assert nlvr2_consistency(keys, preds, labels) == pytest.approx(2 / 3)
+    assert accuracy(preds, labels) == pytest.approx(5 / 6)
 
 
 def test_retrieval_recall_hand_computed_with_ties():
@@ -194,38 +205,38 @@ def test_retrieval_recall_hand_computed_with_ties():
     caption_image = [0, 0, 1, 1, 2]
     # image ranks per caption: c0 (col 0.9/0.2/0.5): rank 0; c1 (0.1 vs 0.3, 0.5): 2; c2 (0.1 vs 0.9, 0.5): 2;
     # c3 (0.8 vs 0.0, 0.5): 0; c4 (0.5 vs 0.0, 0.9): 1
-    r = tasks.retrieval_recall(scores, caption_image, ks=(1, 2, 5))
+    r = retrieval_recall(scores, caption_image, ks=(1, 2, 5))
     assert r["tr_r1"] == 0.0 and r["tr_r2"] == pytest.approx(2 / 3) and r["tr_r5"] == 1.0
     assert r["ir_r1"] == pytest.approx(2 / 5) and r["ir_r2"] == pytest.approx(3 / 5) and r["ir_r5"] == 1.0
 
 
 def test_retrieval_constant_scores_earn_nothing_and_few_candidates_cap_k():
-    r = tasks.retrieval_recall(np.zeros((4, 8)), np.repeat(np.arange(4), 2))
+    r = retrieval_recall(np.zeros((4, 8)), np.repeat(np.arange(4), 2))
     assert r["tr_r1"] == 0.0 and r["ir_r1"] == 0.0  # ties never favour the true item
     assert r["ir_r5"] == 1.0 and r["tr_r5"] == 0.0  # 4 candidate images: all within 5; 6 false captions tie
-    r = tasks.retrieval_recall(np.array([[0.0, 1.0], [1.0, 0.0]]), [0, 1])  # every answer wrong, 2 candidates
+    r = retrieval_recall(np.array([[0.0, 1.0], [1.0, 0.0]]), [0, 1])  # every answer wrong, 2 candidates
     assert r == {"tr_r1": 0.0, "ir_r1": 0.0, "tr_r5": 1.0, "ir_r5": 1.0, "tr_r10": 1.0, "ir_r10": 1.0}
 
 
 def test_retrieval_rejects_bad_inputs():
     with pytest.raises(ValueError, match="image 1 has no caption"):
-        tasks.retrieval_recall(np.zeros((2, 2)), [0, 0])
+        retrieval_recall(np.zeros((2, 2)), [0, 0])
     with pytest.raises(ValueError, match="shape"):
-        tasks.retrieval_recall(np.zeros((2, 3)), [0, 1])
+        retrieval_recall(np.zeros((2, 3)), [0, 1])
     with pytest.raises(ValueError, match="NaN"):
-        tasks.retrieval_recall(np.full((1, 1), np.nan), [0])
+        retrieval_recall(np.full((1, 1), np.nan), [0])
 
 
 def test_heldout_split_by_image_is_disjoint_and_deterministic():
     image_ids = np.array([5, 5, 7, 9, 9, 9, 11, 13, 13, 2])
-    train, heldout = tasks.heldout_split_by_image(image_ids, 0.4, seed=3)
+    train, heldout = heldout_split_by_image(image_ids, 0.4, seed=3)
     assert sorted(np.r_[train, heldout]) == list(range(10))
     assert not set(image_ids[train]) & set(image_ids[heldout])
     assert len(set(image_ids[heldout])) == 2  # 40% of 6 images
-    again = tasks.heldout_split_by_image(image_ids[::-1], 0.4, seed=3)[1]
+    again = heldout_split_by_image(image_ids[::-1], 0.4, seed=3)[1]
     assert set(image_ids[::-1][again]) == set(image_ids[heldout])  # row order does not matter
     with pytest.raises(ValueError, match="heldout_fraction"):
-        tasks.heldout_split_by_image(image_ids, 1.0)
+        heldout_split_by_image(image_ids, 1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -251,7 +262,7 @@ def test_nlvr2_train_numbered_folders_and_jpeg_bytes_in_png(tmp_path):
     save_image(root / "images/train/12/train-22-3-img1.png", (0, 255, 0))
     assert (root / "images/train/7/train-10-0-img1.png").read_bytes()[:2] == b"\xff\xd8"
 
-    data = tasks.NLVR2Dataset(root, "train", to_tensor)
+    data = NLVR2Dataset(root, "train", to_tensor)
     assert len(data) == 3
     item = data[1]
     assert item["text"] == "One cat." and item["label"] == 0 and item["identifier"] == "train-10-0-1"
@@ -267,7 +278,7 @@ def test_nlvr2_dev_image_folder_either_layout(tmp_path, image_dir):
     write_lines(root / "dev.json", [nlvr2_record("dev-850-0-0", "S.", "True")])
     save_image(root / image_dir / "dev-850-0-img0.png", (1, 2, 3))
     save_image(root / image_dir / "dev-850-0-img1.png", (4, 5, 6))
-    item = tasks.NLVR2Dataset(root, "dev", to_tensor)[0]
+    item = NLVR2Dataset(root, "dev", to_tensor)[0]
     assert item["label"] == 1 and item["image1"][:, 0, 0].tolist() == [4, 5, 6]
 
 
@@ -276,18 +287,18 @@ def test_nlvr2_errors_name_file_line_and_field(tmp_path):
     (root / "dev").mkdir(parents=True)
     write_lines(root / "dev.json", [nlvr2_record("dev-1-0-0", "S.", "True"), '{"identifier": "dev-1-0-1", '])
     with pytest.raises(ValueError, match=r"dev\.json:2: malformed JSON"):
-        tasks.NLVR2Dataset(root, "dev", to_tensor)
+        NLVR2Dataset(root, "dev", to_tensor)
     write_lines(root / "dev.json", [nlvr2_record("dev-1-0-0", "S.", "True"), nlvr2_record("dev-1-0-1", "S.", "yes")])
     with pytest.raises(ValueError, match=r"dev\.json:2: label 'yes' is not one of"):
-        tasks.NLVR2Dataset(root, "dev", to_tensor)
+        NLVR2Dataset(root, "dev", to_tensor)
     write_lines(root / "dev.json", [nlvr2_record("dev-1-0-0", "S.", "True")])
-    data = tasks.NLVR2Dataset(root, "dev", to_tensor)
+    data = NLVR2Dataset(root, "dev", to_tensor)
     with pytest.raises(FileNotFoundError, match=r"dev-1-0-img0\.png: image not found \(named by .*dev\.json:1\)"):
         data[0]
     write_lines(root / "train.json", [nlvr2_record("train-1-0-0", "S.", "True")])
     (root / "images/train").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"train\.json:1: missing field 'directory'"):
-        tasks.NLVR2Dataset(root, "train", to_tensor)
+        NLVR2Dataset(root, "train", to_tensor)
 
 
 def snli_ve_record(image_key, image_value, hypothesis, label):
@@ -304,7 +315,7 @@ def test_snli_ve_accepts_both_image_key_spellings(tmp_path):
         snli_ve_record("Flickr30K_ID", "3416050480", "A man sleeps.", "contradiction"),
         snli_ve_record("Flikr30kID", "12345.jpg", "Grass.", "entailment"),
         snli_ve_record("Flikr30kID", "12345.jpg", "A park.", "neutral")])
-    data = tasks.SNLIVEDataset(tmp_path / "snli_ve", "dev", images, to_tensor)
+    data = SNLIVEDataset(tmp_path / "snli_ve", "dev", images, to_tensor)
     assert [data[i]["label"] for i in range(3)] == [2, 0, 1]
     assert data[0]["text"] == "A man sleeps." and data[0]["image"][0, 0, 0] > 150
     assert data[1]["image"][1, 0, 0] > 150
@@ -315,9 +326,9 @@ def test_snli_ve_label_outside_set_and_missing_image(tmp_path):
     write_lines(tmp_path / "snli_ve_train.jsonl", [snli_ve_record("Flickr30K_ID", "1", "H.", "entailment"),
                                                    snli_ve_record("Flickr30K_ID", "1", "H.", "-")])
     with pytest.raises(ValueError, match=r"snli_ve_train\.jsonl:2: gold_label '-' is not one of"):
-        tasks.SNLIVEDataset(tmp_path, "train", tmp_path, to_tensor)
+        SNLIVEDataset(tmp_path, "train", tmp_path, to_tensor)
     write_lines(tmp_path / "snli_ve_train.jsonl", [snli_ve_record("Flickr30K_ID", "1", "H.", "entailment")])
-    data = tasks.SNLIVEDataset(tmp_path, "train", tmp_path / "missing", to_tensor)
+    data = SNLIVEDataset(tmp_path, "train", tmp_path / "missing", to_tensor)
     with pytest.raises(FileNotFoundError, match=r"1\.jpg: image not found .*snli_ve_train\.jsonl:1"):
         data[0]
 
@@ -358,7 +369,7 @@ def test_refcoco_python2_pickle_boxes_and_collate(tmp_path):
     with open(refer_dir / "refs(unc).p", "rb") as f, pytest.raises(UnicodeDecodeError):
         pickle.load(f)  # the fixture is a real Python-2 pickle: only latin1 reads it
 
-    data = tasks.RefCOCODataset(refer_dir, "train", image_dir, to_tensor)
+    data = RefCOCODataset(refer_dir, "train", image_dir, to_tensor)
     assert len(data) == 3  # (ref, sentence) pairs of the split
     assert [data[i]["text"] for i in range(3)] == ["left man", "café sign", "right one"]
     expected_boxes = [[4, 0, 3, 5], [0, 3, 8, 3], [1, 1, 2, 2]]  # annotations 100, 205, 301 of image 42
@@ -371,9 +382,9 @@ def test_refcoco_python2_pickle_boxes_and_collate(tmp_path):
     def resize(image):  # images of different sizes, as a real transform makes them equal before batching
         return to_tensor(image.resize((4, 4)))
 
-    train = tasks.RefCOCODataset(refer_dir, "train", image_dir, resize)
-    test_a = tasks.RefCOCODataset(refer_dir, "testA", image_dir, resize)
-    batch = tasks.Collator(synthetic_tokenizer(), 16)([train[0], test_a[0]])
+    train = RefCOCODataset(refer_dir, "train", image_dir, resize)
+    test_a = RefCOCODataset(refer_dir, "testA", image_dir, resize)
+    batch = Collator(synthetic_tokenizer(), 16)([train[0], test_a[0]])
     assert batch["pixel_values"].shape == (2, 3, 4, 4)
     # boxes as x0, y0, x1, y1 fractions of each image's own width and height: they survive the resize
     expected = torch.tensor([[4 / 8, 0, 7 / 8, 5 / 6], [0, 3 / 6, 1, 1], [1 / 8, 1 / 6, 3 / 8, 3 / 6]])
@@ -383,9 +394,9 @@ def test_refcoco_python2_pickle_boxes_and_collate(tmp_path):
     assert batch["labels"].tolist() == [2, 0] and batch["input_ids"].shape[0] == 2
 
     with pytest.raises(ValueError, match=r"no refs in split 'val' \(splits: testA, train\)"):
-        tasks.RefCOCODataset(refer_dir, "val", image_dir, to_tensor)
+        RefCOCODataset(refer_dir, "val", image_dir, to_tensor)
     with pytest.raises(FileNotFoundError, match=r"refs\(umd\)\.p: file not found"):
-        tasks.RefCOCODataset(refer_dir, "val", image_dir, to_tensor, split_by="umd")
+        RefCOCODataset(refer_dir, "val", image_dir, to_tensor, split_by="umd")
 
 
 def karpathy_image(split, filename, sentences, **extra):
@@ -407,14 +418,14 @@ def test_retrieval_split_coco_and_flickr(tmp_path):
     (coco / "karpathy").mkdir()
     (coco / "karpathy/dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
 
-    split = tasks.load_retrieval_split(coco / "karpathy/dataset_coco.json", coco, "test", to_tensor)
+    split = load_retrieval_split(coco / "karpathy/dataset_coco.json", coco, "test", to_tensor)
     assert len(split) == 2 and len(split.captions) == 10  # first five captions per image
     assert split.captions[0] == "red 0" and split.captions[5] == "green 0"  # trailing space stripped
     assert split.caption_image.tolist() == [0] * 5 + [1] * 5 and split.image_ids.tolist() == [1, 2]
     assert split.images[1]["image"][1, 0, 0] > 200
     first = split.first_images(1)
     assert len(first) == 1 and first.captions == [f"red {k}" for k in range(5)] and len(first.images) == 1
-    everything = tasks.load_retrieval_split(coco / "karpathy/dataset_coco.json", coco, "test", to_tensor, None)
+    everything = load_retrieval_split(coco / "karpathy/dataset_coco.json", coco, "test", to_tensor, None)
     assert len(everything.captions) == 11 and everything.caption_image.tolist() == [0] * 6 + [1] * 5
 
     cfg = SimpleNamespace(synthetic_task=False, data_root=str(tmp_path), coco_dir="", train_splits=[],
@@ -430,10 +441,10 @@ def test_retrieval_split_coco_and_flickr(tmp_path):
     save_image(f30k / "flickr30k-images/1000.jpg", (7, 7, 7), fmt="JPEG")
     (f30k / "dataset_flickr30k.json").write_text(json.dumps(
         {"images": [karpathy_image("test", "1000.jpg", ["a", "b", "c", "d", "e"])], "dataset": "flickr30k"}))
-    split = tasks.load_retrieval_split(f30k / "dataset_flickr30k.json", f30k / "flickr30k-images", "test", to_tensor)
+    split = load_retrieval_split(f30k / "dataset_flickr30k.json", f30k / "flickr30k-images", "test", to_tensor)
     assert split.images[0]["image"].shape == (3, 4, 4) and split.captions == ["a", "b", "c", "d", "e"]
     with pytest.raises(ValueError, match="no images in split"):
-        tasks.load_retrieval_split(f30k / "dataset_flickr30k.json", f30k, "val", to_tensor)
+        load_retrieval_split(f30k / "dataset_flickr30k.json", f30k, "val", to_tensor)
 
 
 def write_vqa(vqa_dir, split, questions, annotations=None):
@@ -456,17 +467,17 @@ def test_vqa_reader_soft_targets_select_and_results(tmp_path):
     write_vqa(vqa, "train2014", [(90, 9, "How many?"), (100, 10, "What color?")], [
         (90, 9, "2", ["two"] * 2 + ["2"] * 3 + ["3"] * 4 + ["Four"]),
         (100, 10, "red", ["red"] * 9 + ["blue"])])
-    annotations = tasks.read_vqa_annotations(vqa / "v2_mscoco_train2014_annotations.json")
-    vocab = tasks.build_answer_vocab(annotations, min_count=1)
+    annotations = read_vqa_annotations(vqa / "v2_mscoco_train2014_annotations.json")
+    vocab = build_answer_vocab(annotations, min_count=1)
     assert vocab == ["2", "red"]
-    data = tasks.VQADataset(vqa, "train2014", coco, to_tensor, answer_vocab=["3", "2", "blue", "red", "4"])
+    data = VQADataset(vqa, "train2014", coco, to_tensor, answer_vocab=["3", "2", "blue", "red", "4"])
     item = data[0]
     assert item["text"] == "How many?" and item["question_id"] == 90 and item["image"].shape == (3, 4, 4)
     # "two" and "2" count together (5 -> 1.0), "3" four times (1.0), "Four" once (0.3)
     assert item["target"].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0, 0.3])
     assert data[1]["target"].tolist() == pytest.approx([0.0, 0.0, 0.3, 1.0, 0.0])
     assert data.human_answers(1) == ["red"] * 9 + ["blue"]
-    assert tasks.vqa_score(["2", "blue"], [data.human_answers(0), data.human_answers(1)]) == pytest.approx(0.6)
+    assert vqa_score(["2", "blue"], [data.human_answers(0), data.human_answers(1)]) == pytest.approx(0.6)
 
     second = data.select([1])
     assert len(second) == 1 and second[0]["question_id"] == 100 and second.human_answers(0)[-1] == "blue"
@@ -477,9 +488,9 @@ def test_vqa_reader_soft_targets_select_and_results(tmp_path):
 
     write_vqa(vqa, "test-dev2015", [(7, 9, "Why?")])
     save_image(coco / "test2015/COCO_test2015_000000000009.jpg", (3, 3, 3), fmt="JPEG")
-    test = tasks.VQADataset(vqa, "test-dev2015", coco, to_tensor, answer_vocab=vocab)
+    test = VQADataset(vqa, "test-dev2015", coco, to_tensor, answer_vocab=vocab)
     assert set(test[0]) == {"image", "text", "question_id"}
-    tasks.write_vqa_results(tmp_path / "results.json", test.question_ids, ["yes"])
+    write_vqa_results(tmp_path / "results.json", test.question_ids, ["yes"])
     assert json.loads((tmp_path / "results.json").read_text()) == [{"question_id": 7, "answer": "yes"}]
 
 
@@ -487,13 +498,13 @@ def test_vqa_reader_errors(tmp_path):
     vqa = tmp_path / "vqa"
     write_vqa(vqa, "val2014", [(1, 5, "Q?"), (2, 5, "Q2?")], [(1, 5, "yes", ["yes"] * 10)])
     with pytest.raises(ValueError, match=r"no annotation for question_id 2 \(questions\[1\]"):
-        tasks.VQADataset(vqa, "val2014", tmp_path, to_tensor)
+        VQADataset(vqa, "val2014", tmp_path, to_tensor)
     write_vqa(vqa, "val2014", [(1, 5, "Q?")], [(1, 5, "yes", ["yes"] * 9)])
     with pytest.raises(ValueError, match=r"annotations\[0\]: 9 answers, expected 10"):
-        tasks.VQADataset(vqa, "val2014", tmp_path, to_tensor)
+        VQADataset(vqa, "val2014", tmp_path, to_tensor)
     write_vqa(vqa, "val2014", [(1, 5, "Q?")], [(1, 5, "yes", ["yes"] * 10)])
     with pytest.raises(FileNotFoundError, match=r"COCO_val2014_000000000005\.jpg: image not found .*question_id 1"):
-        tasks.VQADataset(vqa, "val2014", tmp_path, to_tensor)[0]
+        VQADataset(vqa, "val2014", tmp_path, to_tensor)[0]
 
 
 def write_tsv(path, rows):
@@ -505,10 +516,10 @@ def test_glue_cola_without_header_and_quote_characters(tmp_path):
     write_tsv(tmp_path / "CoLA/train.tsv", [["gj04", "1", "", 'He said "hi" to her.'],
                                             ["gj04", "0", "*", "Bill's \"book they read."]])
     write_tsv(tmp_path / "CoLA/test.tsv", [["index", "sentence"], ["0", '"Quoted" start.']])
-    train = tasks.GLUEDataset(tmp_path, "cola", "train")
+    train = GLUEDataset(tmp_path, "cola", "train")
     assert [train[i] for i in range(2)] == [{"text": 'He said "hi" to her.', "text_pair": None, "label": 1},
                                             {"text": "Bill's \"book they read.", "text_pair": None, "label": 0}]
-    assert tasks.GLUEDataset(tmp_path, "cola", "test")[0] == {"text": '"Quoted" start.', "text_pair": None,
+    assert GLUEDataset(tmp_path, "cola", "test")[0] == {"text": '"Quoted" start.', "text_pair": None,
                                                               "label": -1}
 
 
@@ -516,7 +527,7 @@ def test_glue_pair_tasks_columns(tmp_path):
     write_tsv(tmp_path / "STS-B/dev.tsv", [
         ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"],
         ["0", "main-captions", "MSRvid", "2012test", "0000", "none", "none", "A man.", "A \"man\".", "4.750"]])
-    item = tasks.GLUEDataset(tmp_path, "stsb", "dev")[0]
+    item = GLUEDataset(tmp_path, "stsb", "dev")[0]
     assert item["text"] == "A man." and item["text_pair"] == 'A "man".' and item["label"] == pytest.approx(4.75)
 
     mnli_header = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
@@ -526,17 +537,17 @@ def test_glue_pair_tasks_columns(tmp_path):
         mnli_header + labels,
         ["0", "1", "1n", "gov", "( x )", "( y )", "(ROOT x)", "(ROOT y)", "Premise.", "Hypo.",
          "neutral", "neutral", "entailment", "neutral", "neutral", "neutral"]])
-    item = tasks.GLUEDataset(tmp_path, "mnli", "dev_matched")[0]
+    item = GLUEDataset(tmp_path, "mnli", "dev_matched")[0]
     assert item == {"text": "Premise.", "text_pair": "Hypo.", "label": 1}
 
     write_tsv(tmp_path / "MRPC/train.tsv", [["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
                                             ["1", "1", "2", "He's \"in\".", "He is in."]])
     mrpc = tmp_path / "MRPC/train.tsv"
     mrpc.write_bytes(b"\xef\xbb\xbf" + mrpc.read_bytes())  # MRPC's files open with a byte-order mark
-    assert tasks.GLUEDataset(tmp_path, "mrpc", "train")[0] == {"text": 'He\'s "in".', "text_pair": "He is in.",
+    assert GLUEDataset(tmp_path, "mrpc", "train")[0] == {"text": 'He\'s "in".', "text_pair": "He is in.",
                                                               "label": 1}
     write_tsv(tmp_path / "RTE/test.tsv", [["index", "sentence1", "sentence2"], ["0", "A.", "B."]])
-    assert tasks.GLUEDataset(tmp_path, "rte", "test")[0]["label"] == -1
+    assert GLUEDataset(tmp_path, "rte", "test")[0]["label"] == -1
 
 
 def test_glue_qqp_skips_and_counts_malformed_rows(tmp_path):
@@ -544,7 +555,7 @@ def test_glue_qqp_skips_and_counts_malformed_rows(tmp_path):
                                            ["1", "1", "2", "How?", "Why \"so\"?", "0"],
                                            ["2", "3", "4", "Broken row with no second question"],
                                            ["3", "5", "6", "Is it?", "Is it not?", "1"]])
-    data = tasks.GLUEDataset(tmp_path, "qqp", "train")
+    data = GLUEDataset(tmp_path, "qqp", "train")
     assert len(data) == 2 and data.num_malformed == 1
     assert data[1] == {"text": "Is it?", "text_pair": "Is it not?", "label": 1}
 
@@ -553,16 +564,16 @@ def test_glue_errors_name_file_line_and_label(tmp_path):
     write_tsv(tmp_path / "RTE/train.tsv", [["index", "sentence1", "sentence2", "label"],
                                            ["0", "A.", "B.", "entailment"], ["1", "A.", "B.", "contradiction"]])
     with pytest.raises(ValueError, match=r"RTE/train\.tsv:3: label 'contradiction' is not one of"):
-        tasks.GLUEDataset(tmp_path, "rte", "train")
+        GLUEDataset(tmp_path, "rte", "train")
     write_tsv(tmp_path / "SST-2/dev.tsv", [["sentence", "label"], ["fine", "1"], ["a\ttab too many", "0"]])
     with pytest.raises(ValueError, match=r"SST-2/dev\.tsv:3: 3 fields, expected 2"):
-        tasks.GLUEDataset(tmp_path, "sst2", "dev")
+        GLUEDataset(tmp_path, "sst2", "dev")
     write_tsv(tmp_path / "STS-B/train.tsv", [["sentence1", "sentence2", "score"], ["a", "b", "5.5"]])
     with pytest.raises(ValueError, match=r"STS-B/train\.tsv:2: score '5.5' is not a number from 0 to 5"):
-        tasks.GLUEDataset(tmp_path, "stsb", "train")
+        GLUEDataset(tmp_path, "stsb", "train")
     write_tsv(tmp_path / "QNLI/dev.tsv", [["index", "question", "label"], ["0", "q", "entailment"]])
     with pytest.raises(ValueError, match=r"QNLI/dev\.tsv:1: no column 'sentence'"):
-        tasks.GLUEDataset(tmp_path, "qnli", "dev")
+        GLUEDataset(tmp_path, "qnli", "dev")
 
 
 def cifar_batch(key_type, labels, seed):
@@ -593,8 +604,8 @@ def pickle_py3(path, obj):
 ], ids=["python2", "bytes-keys", "str-keys"])
 def test_cifar10_pickles_and_pixel_layout(tmp_path, writer, key_type):
     written = write_cifar(tmp_path / "cifar-10-batches-py", writer, key_type)
-    train = tasks.CIFAR10Dataset(tmp_path / "cifar-10-batches-py", "train", to_tensor)
-    test = tasks.CIFAR10Dataset(tmp_path / "cifar-10-batches-py", "test", to_tensor)
+    train = CIFAR10Dataset(tmp_path / "cifar-10-batches-py", "train", to_tensor)
+    test = CIFAR10Dataset(tmp_path / "cifar-10-batches-py", "test", to_tensor)
     assert len(train) == 10 and len(test) == 2 and train.label_names[3] == "class3"
     assert [train[i]["label"] for i in range(4)] == [0, 3, 1, 4] and test[1]["label"] == 8
     row = written["data_batch_2"][1]  # train item 3: R plane, then G, then B, each 32x32 row-major
@@ -610,7 +621,7 @@ def test_cifar10_label_outside_set(tmp_path):
     batch, _ = cifar_batch(str, [1, 10], seed=0)
     pickle_py3(root / "test_batch", batch)
     with pytest.raises(ValueError, match=r"test_batch: labels\[1\] = 10 is not a class 0..9"):
-        tasks.CIFAR10Dataset(root, "test", to_tensor)
+        CIFAR10Dataset(root, "test", to_tensor)
 
 
 # -----------------------------------------------------------------------------
@@ -618,7 +629,7 @@ def test_cifar10_label_outside_set(tmp_path):
 
 
 def test_collator_pairs_float_labels_and_index():
-    collate = tasks.Collator(synthetic_tokenizer(), max_text_len=8)
+    collate = Collator(synthetic_tokenizer(), max_text_len=8)
     items = [{"text": "a red circle", "text_pair": "a blue square at the top", "label": 4.5, "index": 7},
              {"text": "two stars", "text_pair": "a star", "label": 0.25, "index": 2}]
     batch = collate(items)
@@ -634,18 +645,18 @@ def test_collator_pairs_float_labels_and_index():
 
 def test_negative_images_never_show_the_captions_picture():
     image_ids = torch.tensor([5, 5, 7, 9, 9, 11])
-    candidates, valid = tasks.sample_negative_images(image_ids, 3, torch.Generator().manual_seed(0))
+    candidates, valid = sample_negative_images(image_ids, 3, torch.Generator().manual_seed(0))
     assert candidates.shape == (6, 4) and candidates[:, 0].tolist() == list(range(6)) and valid.all()
     for row in range(6):
         negatives = candidates[row, 1:]
         assert len(set(negatives.tolist())) == 3 and (image_ids[negatives] != image_ids[row]).all()
     # only two other pictures for rows of image 5: the third draw is marked invalid
-    candidates, valid = tasks.sample_negative_images(torch.tensor([5, 5, 7, 9]), 3, torch.Generator().manual_seed(0))
+    candidates, valid = sample_negative_images(torch.tensor([5, 5, 7, 9]), 3, torch.Generator().manual_seed(0))
     assert valid[0].tolist() == [True, True, True, False] and valid[2].all()
 
 
 def test_box_scoring_pools_the_patches_inside_each_box():
-    head = tasks.BoxScoringHead(dim=4, pooled_dim=2)
+    head = BoxScoringHead(dim=4, pooled_dim=2)
     grid = 4
     patches = torch.zeros(1, grid * grid, 4)
     patches[0, 0] = torch.tensor([1.0, 0, 0, 0])  # top-left patch
@@ -702,7 +713,7 @@ def test_synthetic_versions_are_deterministic_and_refuse_other_versions(syntheti
         tasks.TASKS[task].root(synthetic_cfg(again))
     for folder in ("nlvr2", "vqa", "refcocog", "cifar-10-batches-py"):
         assert files_of(synthetic_root / "synthetic" / folder) == files_of(again / "synthetic" / folder)
-    marker = again / "synthetic/vqa" / tasks.SYNTHETIC_MARKER
+    marker = again / "synthetic/vqa" / SYNTHETIC_MARKER
     marker.write_text(json.dumps({"version": 0, "seed": 3}))
     with pytest.raises(ValueError, match=r"vqa/synthetic\.json: generated with .*delete"):
         tasks.TASKS["vqa"].root(synthetic_cfg(again))
@@ -712,13 +723,13 @@ def test_synthetic_versions_are_deterministic_and_refuse_other_versions(syntheti
 
 def test_synthetic_nlvr2_balanced_sentences_and_png_traps(synthetic_root):
     root = synthetic_root / "synthetic/nlvr2"
-    train = tasks.NLVR2Dataset(root, "train", to_tensor)
+    train = NLVR2Dataset(root, "train", to_tensor)
     assert len(train) == 8 * 36  # one set per train / restval picture, 4 pairs x 2 sentences
     for split in ("train", "dev", "test1"):
-        data = tasks.NLVR2Dataset(root, split, to_tensor)
+        data = NLVR2Dataset(root, split, to_tensor)
         by_sentence = {}
         for i in range(len(data)):
-            by_sentence.setdefault(tasks.nlvr2_sentence_key(data.identifiers[i]), []).append(data.labels[i])
+            by_sentence.setdefault(nlvr2_sentence_key(data.identifiers[i]), []).append(data.labels[i])
         assert all(sorted(labels) == [0, 0, 1, 1] for labels in by_sentence.values())  # text alone tells nothing
     pngs = list((root / "images/train").rglob("*.png"))
     jpeg_bytes = sum(p.read_bytes()[:2] == b"\xff\xd8" for p in pngs)
@@ -735,10 +746,10 @@ def test_synthetic_snli_ve_both_key_spellings_and_labels(synthetic_root):
     first_dev = json.loads((root / "snli_ve/snli_ve_dev.jsonl").read_text().splitlines()[0])
     assert first_train["Flikr30kID"].endswith(".jpg") and "Flickr30K_ID" in first_dev
     for split in ("train", "dev", "test"):
-        data = tasks.SNLIVEDataset(root / "snli_ve", split, root / "f30k/flickr30k-images", to_tensor)
+        data = SNLIVEDataset(root / "snli_ve", split, root / "f30k/flickr30k-images", to_tensor)
         assert np.bincount(data.labels).tolist() == [len(data) // 3] * 3
     assert data[0]["image"].shape == (3, 32, 32)
-    f30k = tasks.load_retrieval_split(root / "f30k/karpathy/dataset_flickr30k.json", root / "f30k/flickr30k-images",
+    f30k = load_retrieval_split(root / "f30k/karpathy/dataset_flickr30k.json", root / "f30k/flickr30k-images",
                                       "test", to_tensor)
     assert len(f30k) == 2 and len(f30k.captions) == 10 and f30k.images[0]["image"].shape == (3, 32, 32)
 
@@ -748,7 +759,7 @@ def test_synthetic_refcoco_expressions_pick_one_object(synthetic_root, task):
     refer_dir = synthetic_root / "synthetic" / tasks.TASKS[task].folder
     refs = pickle.loads((refer_dir / ("refs(umd).p" if task == "refcocog" else "refs(unc).p")).read_bytes())
     assert {r["split"] for r in refs} <= set(tasks.TASKS[task].eval_splits) | {"train"}
-    data = tasks.RefCOCODataset(refer_dir, "train", synthetic_root / "synthetic/coco/train2014", to_tensor,
+    data = RefCOCODataset(refer_dir, "train", synthetic_root / "synthetic/coco/train2014", to_tensor,
                                 "umd" if task == "refcocog" else "unc")
     assert len(data) > 20 and all(len(data[i]["boxes"]) >= 2 for i in range(5))
     location_words = {"left", "right", "top", "bottom", "middle", "above", "below"}
@@ -761,37 +772,37 @@ def test_synthetic_refcoco_expressions_pick_one_object(synthetic_root, task):
 
 def test_synthetic_vqa_answers_normalise_to_the_answer(synthetic_root):
     root = synthetic_root / "synthetic"
-    annotations = tasks.read_vqa_annotations(root / "vqa/v2_mscoco_train2014_annotations.json")
+    annotations = read_vqa_annotations(root / "vqa/v2_mscoco_train2014_annotations.json")
     humans = [[a["answer"] for a in ann["answers"]] for ann in annotations]
     answers = [ann["multiple_choice_answer"] for ann in annotations]
-    assert tasks.vqa_score(answers, humans) > 0.95  # most annotators agree
-    written_differently = sum(h != a and tasks.normalize_answer(h) == a for a, hs in zip(answers, humans) for h in hs)
+    assert vqa_score(answers, humans) > 0.95  # most annotators agree
+    written_differently = sum(h != a and normalize_answer(h) == a for a, hs in zip(answers, humans) for h in hs)
     assert written_differently > 0.1 * 10 * len(answers)
     types = Counter(ann["answer_type"] for ann in annotations)
     assert set(types) == {"other", "number", "yes/no"}
-    data = tasks.VQADataset(root / "vqa", "val2014", root / "coco", to_tensor, answer_vocab=["yes", "no", "1"])
+    data = VQADataset(root / "vqa", "val2014", root / "coco", to_tensor, answer_vocab=["yes", "no", "1"])
     assert data[0]["image"].shape == (3, 32, 32) and data[0]["target"].shape == (3,)
 
 
 def test_synthetic_glue_all_nine_tasks_read(synthetic_root):
     glue = synthetic_root / "synthetic/glue_data"
-    for name, fmt in tasks.GLUE_FORMATS.items():
+    for name, fmt in GLUE_FORMATS.items():
         mnli_splits = ["train", "dev_matched", "dev_mismatched", "test_matched", "test_mismatched"]
         for split in mnli_splits if name == "mnli" else ["train", "dev", "test"]:
-            data = tasks.GLUEDataset(glue, name, split)
-            assert len(data) == tasks.GLUE_SYNTHETIC_SIZES[split.split("_")[0]]
+            data = GLUEDataset(glue, name, split)
+            assert len(data) == GLUE_SYNTHETIC_SIZES[split.split("_")[0]]
             assert (data.text_pairs is not None) == (fmt.text_pair is not None)
         if fmt.labels is not None:
-            assert len(set(tasks.GLUEDataset(glue, name, "train").labels.tolist())) == len(fmt.labels)
-    assert tasks.GLUEDataset(glue, "qqp", "train").num_malformed == 1
-    stsb = tasks.GLUEDataset(glue, "stsb", "train").labels
+            assert len(set(GLUEDataset(glue, name, "train").labels.tolist())) == len(fmt.labels)
+    assert GLUEDataset(glue, "qqp", "train").num_malformed == 1
+    stsb = GLUEDataset(glue, "stsb", "train").labels
     assert stsb.min() >= 0 and stsb.max() == 5 and len(set(stsb.tolist())) > 3
 
 
 def test_synthetic_cifar10_shapes_with_bytes_keys(synthetic_root):
     root = synthetic_root / "synthetic/cifar-10-batches-py"
     assert all(isinstance(k, bytes) for k in pickle.loads((root / "test_batch").read_bytes()))
-    train = tasks.CIFAR10Dataset(root, "train", to_tensor)
+    train = CIFAR10Dataset(root, "train", to_tensor)
     assert train.label_names == list(SHAPES) and len(train) == 5 * 20
     assert tasks.TASKS["cifar10"].label_names(synthetic_cfg(synthetic_root)) == list(SHAPES)
     assert train[0]["image"].shape == (3, 32, 32) and len(set(train.labels.tolist())) > 3
@@ -805,7 +816,7 @@ def test_vqa_validation_holds_out_images_of_a_trained_split(synthetic_root):
     heldout = vqa.eval_dataset(cfg, "val2014", to_tensor, vocab)
     trained_val = train.datasets[1]
     assert len(heldout) and not set(heldout.image_ids.tolist()) & set(trained_val.image_ids.tolist())
-    full = tasks.VQADataset(synthetic_root / "synthetic/vqa", "val2014", synthetic_root / "synthetic/coco", to_tensor)
+    full = VQADataset(synthetic_root / "synthetic/vqa", "val2014", synthetic_root / "synthetic/coco", to_tensor)
     assert len(heldout) + len(trained_val) == len(full)
     with pytest.raises(ValueError, match="'train2014' is a training split"):
         vqa.eval_dataset(cfg, "train2014", to_tensor, vocab)
