@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import datetime
 import difflib
+import hashlib
 import inspect
 import json
 import math
@@ -696,6 +697,15 @@ def _skipped_images(loader, dist):
         tdist.all_gather_object(gathered, (count, examples))
         count, examples = sum(c for c, _ in gathered), list(dict.fromkeys(m for _, ms in gathered for m in ms))
     return {"skipped_images": count, "bad_images": examples[:5]} if count else {}
+
+
+def batch_generator(seed, *key):
+    """A generator seeded by (seed, *key): a batch's draws (pretraining's masking, retrieval's negatives) depend
+    only on where it sits in the run, so a resumed run draws exactly as an uninterrupted one, and one process or
+    two draw alike for the same global micro-batch.
+    blake2b, not hash(): Python salts the hash of a string ("eval") differently in every process."""
+    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") % (2 ** 63))
 
 
 def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None, lr_scales=None):

@@ -29,7 +29,6 @@ import engine
 import tasks
 from model import (apply_freezing, build_encoder, enable_gradient_checkpointing, format_parameter_summary,
                    load_checked, resize_position_embeddings)
-from pretrain import batch_generator
 from tasks.common import to_device, unused_modules
 
 # The keys that decide the encoder's parameters and what its inputs mean: a fine-tuned model must have them as
@@ -119,7 +118,7 @@ def main(argv):
     loader = data.build_loader(train_set, cfg, dist.rank, dist.world_size, cfg.seed, task.train_collate(tokenizer, cfg))
 
     def prepare_batch(batch, *key):  # per-step draws (retrieval negatives) seeded by the batch's place in the run
-        return to_device(task.prepare(batch, batch_generator(cfg.seed, *key), cfg), dist.device)
+        return to_device(task.prepare(batch, engine.batch_generator(cfg.seed, *key), cfg), dist.device)
 
     def evaluate(model):  # engine.train calls it on every process in eval mode, under no_grad and autocast
         max_items = cfg.eval_batches * cfg.micro_batch_size * dist.world_size

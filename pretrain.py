@@ -8,7 +8,6 @@ impossible settings fail before any data work), then engine.train does the DDP w
 trainable parameters, resume and the loop.
 """
 
-import hashlib
 import sys
 
 import torch
@@ -19,17 +18,9 @@ import engine
 from model import apply_freezing, build_pretrain_model, enable_gradient_checkpointing, format_parameter_summary
 
 
-def batch_generator(seed, *key):
-    """A generator seeded by (seed, *key): masking depends only on where a batch sits in the run, so a resumed
-    run masks exactly as an uninterrupted one, and one process or two mask the same global micro-batch alike.
-    blake2b, not hash(): Python salts the hash of a string ("eval") differently in every process."""
-    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") % (2 ** 63))
-
-
 def make_prepare_batch(cfg, tokenizer_info, device):
     def prepare_batch(batch, *key):
-        g = batch_generator(cfg.seed, *key)
+        g = engine.batch_generator(cfg.seed, *key)
         mlm_input_ids, mlm_labels = data.mask_tokens(batch["input_ids"], batch["special_tokens_mask"],
                                                      batch["word_ids"], tokenizer_info, cfg.mlm_prob,
                                                      cfg.whole_word_mask, g)
