@@ -31,3 +31,23 @@ def test_ci_runs_the_readme_test_command():
     command = "pip install -r requirements.txt && python -m pytest -q"
     assert command in README
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_what_is_where_names_every_file():
+    table = README[README.index("## What is where"):README.index("## Models")]
+    named = set(re.findall(r"`([\w/]+(?:\.py)?/?)`", table))
+    top = {p.name for p in ROOT.glob("*.py")} | {"configs/", "tests/", "tasks/"}
+    assert top <= named, top - named
+    in_tasks = {p.name for p in (ROOT / "tasks").glob("*.py")}
+    assert {n.removeprefix("tasks/") for n in named if n.endswith(".py")} - top == in_tasks
+
+
+def test_adding_a_task_shows_the_code_as_it_is():
+    section = README[README.index("### Adding a task"):README.index("## Fault tolerance")]
+    example, registry_line = re.findall(r"```python\n(.*?)```", section, re.S)
+    source = (ROOT / "tasks" / "snli_ve.py").read_text()
+    for line in example.splitlines():
+        code = line.split("  #")[0].rstrip()
+        if code and not code.endswith("..."):
+            assert code + "\n" in source or code + "  #" in source, f"README's Task example is not the code: {code!r}"
+    assert "    " + registry_line.strip() in (ROOT / "tasks" / "__init__.py").read_text()
