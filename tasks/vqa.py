@@ -23,37 +23,49 @@ from tasks.synthetic import _kind, _pick, _where, _world_scenes
 # -----------------------------------------------------------------------------
 # VQAv2: image + question -> answer, scored against ten human answers
 
-# The official evaluation's normalisation (VQA PythonEvaluationTools vqaEval.py), rewritten.
+# The official evaluation (VQA PythonEvaluationTools vqaEval.py, VQA v2), rewritten from its code's flow, quirks
+# included: a score differing from the evaluation server's would not be comparable with published numbers.
 _VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
                     ",", "?", "!")  # not "'" (contractions) and not "." (handled apart: keeps "2.5")
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+# The official pattern's look-behind is mistyped as a look-ahead that always holds, so every period not followed
+# by a digit goes; and it passes re.UNICODE (32) where sub() takes its count, so at most the first 32 go.
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+_PERIODS_REMOVED_AT_MOST = 32
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
-# The official map sends each form below with one apostrophe left out ("dont", "couldnt've",
-# "couldn'tve") back to the full form. Its entries with a capital letter can never match (words are
-# lowercased first) and "somebody'd" -> "somebodyd" is an evident typo: neither is reproduced.
+# The official map sends each form below with one of its apostrophes left out ("dont", "couldnt've",
+# "couldn'tve") back to the full form. Its oddities are kept, since they decide matches: keys with a capital
+# ("Im", "I'dve") that can never match a lowercased word, identity entries for "let's" and "she's" (so "lets"
+# and "shes" stay as written), and "somebody'd" mapped to "somebodyd" (a full form to a contracted one).
 _CONTRACTED = (
     "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
-    "he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've "
-    "mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't "
+    "he'd he'd've he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll ma'am mightn't mightn't've "
+    "might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't "
     "shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's "
     "something'd something'd've something'll that's there'd there'd've there're there's they'd they'd've "
     "they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's "
     "where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've "
     "wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've").split()
 _CONTRACTIONS = {full[:i] + full[i + 1:]: full for full in _CONTRACTED for i, c in enumerate(full) if c == "'"}
+_CONTRACTIONS.update({"let's": "let's", "she's": "she's", "somebody'd": "somebodyd"})
+
+
+def _vqa_strip(text: str) -> str:
+    """Newlines and tabs become spaces, then the ends are trimmed: all that ten agreeing answers get."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def _vqa_punctuation(text: str) -> str:
-    """A mark next to a space, or any mark in a text with a digit-comma-digit number ("1,000"), is deleted;
-    other marks become a space ("black/white" -> "black white"). Then periods not before a digit go."""
+    """A mark with a space on either side of it anywhere in the text, or any mark in a text holding a
+    digit-comma-digit ("1,000"), is deleted; otherwise the mark becomes a space ("black/white" -> "black white").
+    The tests look at the text as given, not as already changed. Then periods not before a digit go."""
     delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for mark in _VQA_PUNCTUATION:
         out = out.replace(mark, "" if delete_all or mark + " " in text or " " + mark in text else " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_PERIODS_REMOVED_AT_MOST)
 
 
 def _vqa_digits_articles(text: str) -> str:
@@ -64,28 +76,33 @@ def _vqa_digits_articles(text: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """The official VQA normalisation of an answer: "Two dogs!" -> "2 dogs", "the 1,000" -> "1000"."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _vqa_digits_articles(_vqa_punctuation(answer))
+    """The official normalisation in full (strip, punctuation, digits and articles): "Two dogs!" -> "2 dogs",
+    "the 1,000" -> "1000". The official evaluation applies it to both sides only when the ten human answers
+    differ (see vqa_accuracy); training applies it to every answer, to build the vocabulary and the targets."""
+    return _vqa_digits_articles(_vqa_punctuation(_vqa_strip(answer)))
 
 
 def vqa_accuracy(pred: str, human_answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one answer: the mean over the 10 leave-one-out subsets of the human answers
-    of min(1, matches / 3). As in the official script the prediction is always normalised, while the human
-    answers get the punctuation rule only when they are not all identical (identical ones compare as given)."""
+    """Official VQA accuracy of one answer: the mean, over the human answers, of min(1, matches / 3), where
+    matches counts the OTHER human answers equal to the prediction. Both sides are stripped; when the human
+    answers are not all identical both sides are then fully normalised (normalize_answer), but when they all
+    agree both are compared as stripped, so "two" scores 0 against ten "2" and "Yes" 0 against ten "yes"."""
     if len(human_answers) == 0:
         raise ValueError("vqa_accuracy: no human answers")
-    pred = normalize_answer(pred)
-    humans = [_vqa_punctuation(a) for a in human_answers] if len(set(human_answers)) > 1 else list(human_answers)
+    humans, pred = [_vqa_strip(a) for a in human_answers], _vqa_strip(pred)
+    if len(set(humans)) > 1:
+        humans, pred = [_vqa_digits_articles(_vqa_punctuation(a)) for a in humans], normalize_answer(pred)
     matches = sum(h == pred for h in humans)
     return sum(min(1.0, (matches - (h == pred)) / 3) for h in humans) / len(humans)
 
 
 def vqa_score(preds: Sequence[str], human_answers: Sequence[Sequence[str]]) -> float:
-    """Mean vqa_accuracy over questions (the overall score, as a fraction, of the evaluation server)."""
+    """The evaluation server's overall accuracy, as a fraction like every other metric: the mean vqa_accuracy
+    over questions as a percentage rounded to two decimals (round(100 * mean, 2)), divided by 100."""
     if len(preds) != len(human_answers) or len(preds) == 0:
         raise ValueError(f"vqa_score: {len(preds)} predictions for {len(human_answers)} questions")
-    return sum(vqa_accuracy(p, h) for p, h in zip(preds, human_answers)) / len(preds)
+    accuracies = [vqa_accuracy(p, h) for p, h in zip(preds, human_answers)]
+    return round(100 * sum(accuracies) / len(accuracies), 2) / 100
 
 
 def vqa_soft_score(count: int) -> float:

@@ -148,35 +148,71 @@ def test_glue_metrics_dispatch():
         glue_metrics("ax", [0], [0])
 
 
+# Expected values below are worked out by hand from the official vqaEval.py flow (strip; if the ten answers
+# differ, processPunctuation then processDigitArticle on both sides; leave-one-out min(1, matches / 3)).
 @pytest.mark.parametrize("raw, normalized", [
-    ("Two", "2"), ("none", "0"), ("TEN", "10"), ("two dogs", "2 dogs"),  # number words become digits
-    ("the dog", "dog"), ("A Red Car.", "red car"), ("an apple", "apple"),  # articles, final period
-    ("dont", "don't"), ("isnt it", "isn't it"), ("couldnt've", "couldn't've"),  # contractions restored
-    ("yes!", "yes"), ("black/white", "black white"), ("black / white", "black white"),  # mark -> space or gone
-    ("t-shirt", "t shirt"), ("2.5", "2.5"), ("1,000", "1000"), ("10,000 (about)", "10000 about"),
-    ("  left\tside\n", "left side"), ("men's", "men's"),
+    ("Two", "2"), ("none", "0"), ("TEN", "10"), ("two dogs", "2 dogs"), ("eleven", "eleven"),  # number words
+    ("the dog", "dog"), ("A Red Car.", "red car"), ("an apple", "apple"), ("theory", "theory"),  # articles
+    ("the one", "1"),  # the number word is mapped before articles are dropped: "one" -> "1" survives
+    ("dont", "don't"), ("isnt it", "isn't it"), ("couldnt've", "couldn't've"), ("couldn'tve", "couldn't've"),
+    ("hes", "he's"), ("twas", "'twas"),  # contractions restored
+    ("lets", "lets"), ("shes", "shes"),  # the table maps "let's" and "she's" to themselves, not "lets" / "shes"
+    ("somebody'd", "somebodyd"), ("Im", "im"),  # the table's typo entry; its capital keys never match
+    ("yes!", "yes"), ("black/white", "black white"),  # a mark with no space beside it becomes a space
+    ("black / white", "black white"), ("x-ray -", "xray"),  # a mark with a space beside it goes everywhere
+    ("x;-y z-w", "x y z w"),  # the test is on the text as given: "x -y" after ";" does not make "-" go
+    ("1,000 black/white", "1000 blackwhite"),  # a digit-comma-digit anywhere deletes every mark
+    ("t-shirt", "t shirt"), ("2.5", "2.5"), ("v.2", "v.2"), ("3.14.", "3.14"), ("a.m.", "am"),  # periods
+    ("." * 34, ".."),  # at most 32 periods are removed (re.UNICODE passed as sub's count)
+    ("  left\tside\n", "left side"), ("men's", "men's"),  # whitespace; the apostrophe is no mark
 ])
 def test_normalize_answer_official_rules(raw, normalized):
     assert normalize_answer(raw) == normalized
 
 
 def test_vqa_accuracy_leave_one_out():
-    # m of the ten humans agree with the prediction: each subset leaving one out scores min(1, matches/3)
-    for matches, expected in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]:
+    # m of ten differing answers match: the m matching answers each see m - 1 matches among the other nine, the
+    # 10 - m others see m, so the mean is (m min(1, (m-1)/3) + (10-m) min(1, m/3)) / 10:
+    # m=1: 9 (1/3) / 10 = 0.3; m=2: (2 (1/3) + 8 (2/3)) / 10 = 0.6; m=3: (3 (2/3) + 7) / 10 = 0.9; m=4: 1.0
+    for matches, expected in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (9, 1.0)]:
         humans = ["cat"] * matches + ["dog"] * (10 - matches)
         assert vqa_accuracy("cat", humans) == pytest.approx(expected)
-        assert vqa_soft_score(matches) == pytest.approx(expected)
-    # the prediction is always normalised
-    assert vqa_accuracy("Two", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
+        assert vqa_soft_score(matches) == pytest.approx(expected)  # training targets follow the same curve
 
 
-def test_vqa_accuracy_normalises_human_answers_only_when_they_differ():
-    # differing answers get the punctuation rule: "dog." and "dog" both become "dog"
-    assert vqa_accuracy("Dog", ["dog."] * 5 + ["dog"] * 5) == pytest.approx(1.0)
-    # ten identical answers are compared as given, as the official script does
-    assert vqa_accuracy("dog.", ["dog."] * 10) == 0.0
-    assert vqa_accuracy("Yes", ["yes"] * 10) == 1.0
-    assert vqa_score(["Yes", "cat"], [["yes"] * 10, ["cat"] * 2 + ["dog"] * 8]) == pytest.approx(0.8)
+def test_vqa_accuracy_all_agreeing_answers_compare_as_stripped():
+    # ten identical answers: only stripping, on both sides, then ==
+    assert vqa_accuracy("two", ["2"] * 10) == 0.0  # "two" is not normalised to "2"
+    assert vqa_accuracy("2", ["2"] * 10) == 1.0  # each answer sees 9 matches: min(1, 9/3) = 1
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0  # not lowercased
+    assert vqa_accuracy("yes.", ["yes."] * 10) == 1.0  # the prediction is not normalised either
+    assert vqa_accuracy("dog", ["the dog"] * 10) == 0.0  # no article dropped
+    assert vqa_accuracy(" 2\n", ["2\n"] * 9 + ["\t2 "]) == 1.0  # stripped, the ten agree: "2" == "2"
+
+
+def test_vqa_accuracy_differing_answers_normalise_both_sides():
+    # "2", "two" -> "2", eight "3": the prediction "two" -> "2" matches 2 of ten: 0.6 (see the leave-one-out rule)
+    assert vqa_accuracy("two", ["2", "two"] + ["3"] * 8) == pytest.approx(0.6)
+    # "dog." and "Dog" -> "dog", five of each: all ten match "Dog" -> 1.0; "the dog" -> "dog" too
+    assert vqa_accuracy("Dog", ["dog."] * 5 + ["Dog"] * 5) == 1.0
+    assert vqa_accuracy("the dog", ["dog."] * 5 + ["Dog"] * 5) == 1.0
+    # "black/white" -> "black white" (mark between letters: a space), "black / white" -> "black white" too;
+    # against them, the prediction "blackwhite" matches none: 0
+    humans = ["black/white"] * 2 + ["black / white"] + ["gray"] * 7
+    assert vqa_accuracy("black and white", humans) == 0.0 and vqa_accuracy("blackwhite", humans) == 0.0
+    assert vqa_accuracy("black white", humans) == pytest.approx(0.9)  # 3 of ten match
+    # "dont" -> "don't" on the human side, "don't" stays: 4 of ten match -> 1.0
+    assert vqa_accuracy("don't", ["dont"] * 3 + ["don't"] + ["no"] * 6) == 1.0
+    # stray whitespace inside an answer is collapsed once normalised: "left  side" -> "left side"; 1 of 10: 0.3
+    assert vqa_accuracy("left\tside", ["left  side"] + ["right"] * 9) == pytest.approx(0.3)
+
+
+def test_vqa_score_is_the_servers_rounded_overall():
+    # per question 1.0 (ten "2"), 0.3 (one "cat" of ten differing) and 0: mean 1.3 / 3 = 0.43333 -> 43.33% -> 0.4333
+    humans = [["2"] * 10, ["cat"] + ["dog"] * 9, ["no"] * 10]
+    assert vqa_score(["2", "cat", "yes"], humans) == 43.33 / 100
+    # 2 / 3 -> 66.666..% -> 66.67
+    assert vqa_score(["2", "2", "3"], [["2"] * 10] * 3) == 66.67 / 100
 
 
 def test_build_answer_vocab_counts_normalised_answers():
@@ -477,7 +513,8 @@ def test_vqa_reader_soft_targets_select_and_results(tmp_path):
     assert item["target"].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0, 0.3])
     assert data[1]["target"].tolist() == pytest.approx([0.0, 0.0, 0.3, 1.0, 0.0])
     assert data.human_answers(1) == ["red"] * 9 + ["blue"]
-    assert vqa_score(["2", "blue"], [data.human_answers(0), data.human_answers(1)]) == pytest.approx(0.6)
+    # question 90: the answers differ, so "two" counts as "2": 5 of ten match "2" -> 1.0; question 100: 1 of ten -> 0.3
+    assert vqa_score(["2", "blue"], [data.human_answers(0), data.human_answers(1)]) == pytest.approx(0.65)
 
     second = data.select([1])
     assert len(second) == 1 and second[0]["question_id"] == 100 and second.human_answers(0)[-1] == "blue"
