@@ -132,7 +132,8 @@ class Config:
     train_splits: list[str] = field(default_factory=list)  # splits fine-tuned on ([] = the task's usual ones)
     val_split: str = ""  # split validated on during fine-tuning ("" = the task's: dev, val, val2014, ...)
     eval_splits: list[str] = field(default_factory=list)  # splits evaluate.py scores ([] = the task's evaluation splits)
-    vqa_min_answer_count: int = 9  # VQA answer classes: normalised answers of at least this many training questions
+    vqa_min_answer_count: int = 9  # VQA answer classes: normalised answers of at least this many questions of the vocabulary's splits
+    vqa_answer_splits: list[str] = field(default_factory=list)  # VQA answer vocabulary counted over these whole splits ([] = the training splits, held-out images left out)
     vqa_heldout_fraction: float = 0.05  # VQA, when val_split is also trained on: fraction of its images held out for validation
     retrieval_negatives: int = 15  # retrieval fine-tuning: negative images per caption (at most micro_batch_size - 1)
     eval_pairs_batch: int = 1024  # retrieval evaluation: image-caption pairs per cross-encoder forward

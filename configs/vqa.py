@@ -1,5 +1,5 @@
-# VQAv2: 3,129-way answer classifier (normalised answers of at least 9 training questions) trained with binary
-# cross-entropy on soft scores, ~10 epochs on train2014, validated on val2014 with the official accuracy.
+# VQAv2: 3,129-way answer classifier (normalised answers of at least 9 questions of train2014 + val2014, the
+# original's vocabulary) trained with binary cross-entropy on soft scores, ~10 epochs on train2014, validated on val2014 with the official accuracy.
 # For a test-dev submission, train on both and hold out 5% of the val2014 images for validation:
 #   torchrun --standalone --nproc_per_node=2 finetune.py configs/vqa.py --init_from=out/freeze_vision --data_root=/data
 #   ... --train_splits=train2014,val2014 --out_dir=out/vqa_trainval, then
@@ -8,6 +8,7 @@ include("finetune_base.py")
 task = "vqa"
 out_dir = "out/vqa"
 vqa_min_answer_count = 9
+vqa_answer_splits = ["train2014", "val2014"]  # the original's vocabulary: 3,129 answers
 vqa_heldout_fraction = 0.05
 batch_size = 256
 micro_batch_size = 64

@@ -260,7 +260,8 @@ class VQAModel(TaskModel):
 
 
 class VQATask(Task):
-    """VQAv2. The answer vocabulary comes from the training splits' annotations. Validation never scores
+    """VQAv2. The answer vocabulary comes from the annotations of vqa_answer_splits (the paper config: train2014 and
+    val2014, as the original), or else of the training splits (see label_names). Validation never scores
     training questions: with the default splits it is val2014; when val_split is also a training split (as when
     training on train2014 + val2014 for a test-dev submission), vqa_heldout_fraction of its images, drawn with
     the run's seed, are kept out of training, and that held-out part is what validation and evaluate.py score."""
@@ -304,18 +305,20 @@ class VQATask(Task):
         return dataset.select(np.flatnonzero(self._heldout(cfg, dataset)))
 
     def label_names(self, cfg):
-        """The answer vocabulary: normalised answers of at least vqa_min_answer_count training questions."""
+        """The answer vocabulary: normalised multiple_choice_answers of at least vqa_min_answer_count questions of
+        vqa_answer_splits, whole (the original's rule with train2014,val2014 and 9: 3,129 answers), or, when that
+        is empty, of the training splits without the images held out for validation."""
         annotations = []
-        for split in self.training_splits(cfg):
+        for split in cfg.vqa_answer_splits or self.training_splits(cfg):
             anns = read_vqa_annotations(self.folder_of(cfg) / f"v2_mscoco_{split}_annotations.json")
-            if split == self.validation_split(cfg):
+            if not cfg.vqa_answer_splits and split == self.validation_split(cfg):
                 heldout = self._heldout_images(cfg, [ann["image_id"] for ann in anns])
                 anns = [ann for ann in anns if ann["image_id"] not in heldout]
             annotations += anns
         vocab = build_answer_vocab(annotations, cfg.vqa_min_answer_count)
         if not vocab:
-            raise ValueError(f"VQA: no answer is given to {cfg.vqa_min_answer_count} training questions "
-                             f"(vqa_min_answer_count): the answer vocabulary would be empty")
+            raise ValueError(f"VQA: no answer is given to {cfg.vqa_min_answer_count} questions (vqa_min_answer_count) "
+                             f"of {cfg.vqa_answer_splits or self.training_splits(cfg)}: the answer vocabulary would be empty")
         return vocab
 
     def build_model(self, encoder, label_names):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import engine
 import tasks
 from data import SHAPES, synthetic_tokenizer
 from tasks.cifar10 import CIFAR10Dataset
@@ -727,7 +728,7 @@ def synthetic_cfg(root, **overrides):
     return SimpleNamespace(**{"data_root": str(root), "synthetic_task": True, "synthetic_images": 40,
                               "synthetic_seed": 3, "synthetic_image_size": 32, "task_dir": "", "coco_dir": "",
                               "f30k_dir": "", "train_splits": [], "val_split": "", "eval_splits": [],
-                              "vqa_min_answer_count": 2, "vqa_heldout_fraction": 0.3, "seed": 0, **overrides})
+                              "vqa_min_answer_count": 2, "vqa_answer_splits": [], "vqa_heldout_fraction": 0.3, "seed": 0, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -860,3 +861,19 @@ def test_vqa_validation_holds_out_images_of_a_trained_split(synthetic_root):
     with pytest.raises(ValueError, match="val_split='dev' is also in train_splits"):
         tasks.TASKS["nlvr2"].validation_split(synthetic_cfg(synthetic_root, train_splits=["train", "dev"],
                                                             val_split="dev"))
+
+
+def test_vqa_answer_vocabulary_source(synthetic_root):
+    vqa = tasks.TASKS["vqa"]
+    folder = synthetic_root / "synthetic/vqa"
+    train = read_vqa_annotations(folder / "v2_mscoco_train2014_annotations.json")
+    val = read_vqa_annotations(folder / "v2_mscoco_val2014_annotations.json")
+    # the original's rule: both splits whole, whatever is trained on or held out
+    both = synthetic_cfg(synthetic_root, vqa_answer_splits=["train2014", "val2014"], vqa_min_answer_count=3)
+    assert vqa.label_names(both) == build_answer_vocab(train + val, 3)
+    # the default: the training splits only
+    alone = synthetic_cfg(synthetic_root, vqa_min_answer_count=3)
+    assert vqa.label_names(alone) == build_answer_vocab(train, 3) != vqa.label_names(both)
+    # the paper config asks for the original's vocabulary
+    cfg = engine.load_config(["configs/vqa.py"])
+    assert (cfg.vqa_answer_splits, cfg.vqa_min_answer_count) == (["train2014", "val2014"], 9)
