@@ -92,7 +92,9 @@ def main(argv):
     label_names = task.label_names(cfg)
     train_set = task.train_dataset(cfg, data.build_transform(cfg, train=True), label_names)
     val_split = task.validation_split(cfg)
-    val_set = task.eval_dataset(cfg, val_split, data.build_transform(cfg, train=False), label_names)
+    eval_transform = data.build_transform(cfg, train=False)
+    val_set = task.eval_dataset(cfg, val_split, eval_transform, label_names)
+    task.check_evaluation_images(cfg, val_split, val_set, eval_transform, label_names)
 
     model = task.build_model(build_encoder(cfg, len(tokenizer)), label_names)
     resuming = cfg.resume and engine.latest_checkpoint(cfg.out_dir) is not None  # engine.train restores it

@@ -15,7 +15,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 import data
 from model import FreezableModel
-from tasks.common import Collator, Transform, predict_items
+from tasks.common import Collator, Transform, check_images_exist, predict_items
 from tasks.synthetic import ensure_generated
 
 # -----------------------------------------------------------------------------
@@ -82,6 +82,14 @@ class Task:
 
     def eval_dataset(self, cfg, split: str, transform: Transform, label_names=None) -> Dataset:
         return self.dataset(cfg, split, transform, label_names)
+
+    def check_evaluation_images(self, cfg, val_split: str, val_set: Dataset, transform: Transform, label_names):
+        """Before fine-tuning: every image the validation split and the evaluation splits name must exist
+        (check_images_exist), or one error names the first missing files and their number."""
+        for split in dict.fromkeys([val_split, *self.evaluation_splits(cfg)]):
+            dataset = val_set if split == val_split else self.eval_dataset(cfg, split, transform, label_names)
+            check_images_exist(dataset, f"{self.name} split {split!r}"
+                                        + ("" if split == val_split else " (evaluation split: see eval_splits)"))
 
     # model and batches
 

@@ -5,6 +5,7 @@ classification model most heads reuse.
 """
 
 import json
+import os
 import pickle
 import sys
 import time
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import data
@@ -28,13 +29,35 @@ Transform = Callable[[Image.Image], torch.Tensor]
 
 
 def load_image(path, named_by: str) -> Image.Image:
-    """data.open_image (format from the bytes, RGB), with the annotation that named the image in errors."""
+    """data.open_image (format from the bytes, RGB), with the annotation that named the image in errors. Its
+    errors stay data.ImageNotFoundError / data.BadImageError, so that a training loader skips, counts and logs
+    the item as pretraining does (data.ResumableLoader; strict_images stops instead)."""
     try:
         return data.open_image(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image not found (named by {named_by})") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{path}: not a readable image (named by {named_by}): {error}") from None
+    except data.ImageNotFoundError:
+        raise data.ImageNotFoundError(f"{path}: image not found (named by {named_by})") from None
+    except data.BadImageError as error:
+        raise data.BadImageError(f"{path}: not a readable image (named by {named_by}): {error}") from None
+
+
+MISSING_IMAGES_SHOWN = 3  # missing files named in the error; the count says how many there are
+
+
+def check_images_exist(dataset, what: str) -> None:
+    """Raise one FileNotFoundError naming the first missing files among those `dataset.image_files()` lists
+    ((path, the annotation naming it) per item; datasets without images have no such method), and how many
+    are missing. Fine-tuning checks its validation and evaluation splits before training, so that a run
+    cannot die at its first evaluation after hours of training."""
+    if not hasattr(dataset, "image_files"):
+        return
+    named_by = {}
+    for path, annotation in dataset.image_files():
+        named_by.setdefault(str(path), annotation)
+    missing = [path for path in named_by if not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(missing[:MISSING_IMAGES_SHOWN]) + (", ..." if len(missing) > MISSING_IMAGES_SHOWN else "")
+        raise FileNotFoundError(f"{what}: {len(missing)} of its {len(named_by)} image files not found: {shown} "
+                                f"(the first named by {named_by[missing[0]]})")
 
 
 _read_json = data._load_json  # one JSON reader for the project: errors name the file and line

@@ -68,6 +68,12 @@ class NLVR2Dataset(Dataset):
     def __len__(self):
         return len(self.labels)
 
+    def image_files(self):
+        """(path, the line naming it) for both images of every item: see common.check_images_exist."""
+        for i in range(len(self)):
+            for side in ("-img0.png", "-img1.png"):
+                yield self.pair_paths[i] + side, f"{self.path}:{self.line_numbers[i]}"
+
     def __getitem__(self, i):
         named_by = f"{self.path}:{self.line_numbers[i]}"
         pair = self.pair_paths[i]

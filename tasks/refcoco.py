@@ -103,6 +103,11 @@ class RefCOCODataset(Dataset):
     def __len__(self):
         return len(self.targets)
 
+    def image_files(self):
+        """(path, the file naming it) per image: see common.check_images_exist."""
+        for row in range(len(self.file_names)):
+            yield self.image_dir / self.file_names[row], str(self.instances_path)
+
     def __getitem__(self, i):
         row = self.item_image[i]
         image = load_image(self.image_dir / self.file_names[row], str(self.instances_path))

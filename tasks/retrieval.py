@@ -33,6 +33,11 @@ class ImageListDataset(Dataset):
     def __len__(self):
         return len(self.table.image_ids)
 
+    def image_files(self):
+        """(path, the file naming it) per picture: see common.check_images_exist."""
+        for i in range(len(self)):
+            yield Path(self.table.root) / self.table.image_paths[i], self.named_by
+
     def __getitem__(self, i):
         return {"image": self.transform(load_image(Path(self.table.root) / self.table.image_paths[i], self.named_by))}
 
@@ -46,6 +51,9 @@ class RetrievalSplit:
 
     def __len__(self):
         return len(self.image_ids)
+
+    def image_files(self):
+        return self.images.image_files()
 
     def first_images(self, count: int) -> "RetrievalSplit":
         """The first `count` images and their captions (for a quick validation during fine-tuning)."""

@@ -52,6 +52,11 @@ class SNLIVEDataset(Dataset):
     def __len__(self):
         return len(self.labels)
 
+    def image_files(self):
+        """(path, the line naming it) per item: see common.check_images_exist."""
+        for i in range(len(self)):
+            yield self.image_dir / f"{self.image_ids[i]}.jpg", f"{self.path}:{self.line_numbers[i]}"
+
     def __getitem__(self, i):
         image = load_image(self.image_dir / f"{self.image_ids[i]}.jpg", f"{self.path}:{self.line_numbers[i]}")
         return {"image": self.transform(image), "text": self.hypotheses[i], "label": int(self.labels[i])}

@@ -223,6 +223,11 @@ class VQADataset(Dataset):
         view.question_ids, view.image_ids = self.question_ids[indices], self.image_ids[indices]
         return view
 
+    def image_files(self):
+        """(path, the question naming it) per item: see common.check_images_exist."""
+        for question_id, image_id in zip(self.question_ids.tolist(), self.image_ids.tolist()):
+            yield self.image_pattern.format(image_id), f"{self.questions_path}: question_id {question_id}"
+
     def __getitem__(self, i):
         r, question_id, image_id = self.rows[i], int(self.question_ids[i]), int(self.image_ids[i])
         named_by = f"{self.questions_path}: question_id {question_id}"

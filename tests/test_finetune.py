@@ -367,3 +367,54 @@ def test_task_configs_load_and_name_a_task(config):
     assert cfg.synthetic_task == config.startswith("synthetic_")
     if task.name.endswith("_retrieval"):
         assert cfg.retrieval_negatives < cfg.micro_batch_size
+
+
+# -----------------------------------------------------------------------------
+# Bad images: a bad training image is skipped, counted and logged; a missing evaluation image stops the start
+
+
+def snli_ve_world(data_root):
+    """The SNLI-VE train and dev sets of a private 40-picture world, and the image folder they share."""
+    cfg = tiny_config(data_root=str(data_root), **{**WORLD, "synthetic_images": 40})
+    task = tasks.TASKS["snli_ve"]
+    train, dev = (task.eval_dataset(cfg, split, lambda image: image) for split in ("train", "dev"))
+    return train, dev, train.image_dir
+
+
+def test_fine_tuning_skips_counts_and_logs_bad_training_images(tmp_path):
+    train, dev, image_dir = snli_ve_world(tmp_path / "data")
+    train_only = [i for i in dict.fromkeys(train.image_ids.tolist()) if i not in set(dev.image_ids.tolist())]
+    missing, corrupt = train_only[:2]
+    (image_dir / f"{missing}.jpg").unlink()
+    (image_dir / f"{corrupt}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG after all")
+    micro = 16
+    sampler = data.MicroBatchSampler(len(train), micro, 0, 1, 0)  # the run's first epoch, seed 0
+    sampler.set_epoch(0)
+    seen = [i for batch in sampler for i in batch]
+    expected = sum(int(train.image_ids[i]) in (missing, corrupt) for i in seen)
+    assert expected > 0
+    out = tmp_path / "run"
+    train_log, val_log = run(tmp_path / "data", out, "snli_ve", sampler.batches_per_epoch, synthetic_images=40,
+                             batch_size=micro, micro_batch_size=micro, log_interval=1, seed=0)
+    assert train_log[-1]["step"] == sampler.batches_per_epoch and "snli_ve_acc" in val_log[-1]  # the run finished
+    assert sum(r.get("skipped_images", 0) for r in train_log) == expected
+    messages = " ".join(m for r in train_log for m in r.get("bad_images", []))
+    assert f"{missing}.jpg: image not found (named by " in messages
+    assert f"{corrupt}.jpg: not a readable image (named by " in messages and "snli_ve_train.jsonl:" in messages
+
+
+def test_fine_tuning_refuses_to_start_with_a_missing_validation_image(tmp_path):
+    train, dev, image_dir = snli_ve_world(tmp_path / "data")
+    dev_only = [i for i in dict.fromkeys(dev.image_ids.tolist()) if i not in set(train.image_ids.tolist())]
+    (image_dir / f"{dev_only[0]}.jpg").unlink()
+    out = tmp_path / "run"
+    command = args(data_root=tmp_path / "data", out_dir=out, task="snli_ve", max_steps=2, synthetic_images=40,
+                   micro_batch_size=8, batch_size=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *command], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-3000:]
+    n_images = len(set(dev.image_ids.tolist()))
+    assert done.stderr.startswith(f"error: snli_ve split 'dev': 1 of its {n_images} image files not found: "
+                                  f"{image_dir / f'{dev_only[0]}.jpg'} (the first named by "), done.stderr
+    assert not out.exists()  # refused before anything was written
