@@ -24,6 +24,7 @@ import data
 import engine
 import tasks
 from model import build_encoder
+from tasks.common import format_malformed_rows, malformed_rows
 
 
 def run_config(run_dir, overrides):
@@ -79,6 +80,9 @@ def evaluate_run(cfg, dist):
         record = {"task": task.name, "split": split, "step": state["step"],
                   "checkpoint": os.path.basename(checkpoint), "model": model_name(cfg), "items": len(preds),
                   "metrics": metrics}
+        malformed = malformed_rows(dataset)  # rows the reader skipped: not scored, so said
+        if malformed:
+            record["malformed_rows"] = malformed
         if dist.master:
             eval_dir.mkdir(exist_ok=True)
             stem = eval_dir / f"{task.name}_{split}_predictions"
@@ -87,14 +91,18 @@ def evaluate_run(cfg, dist):
             logger.log({"step": state["step"], "split": split, **metrics})
             scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no labels: predictions only"
             print(f"{cfg.out_dir} {split}: {scores} -> {predictions}")
+            for line in format_malformed_rows(malformed):
+                print(line)
         records.append(record)
     return records
 
 
 def results_table(records):
-    """Markdown table: a row per model (the init_from the runs started from), a column per metric and split."""
+    """Markdown table: a row per model (the init_from the runs started from), a column per metric and split; a
+    line saying so instead when only splits without labels (test sets) were scored."""
     rows, columns, source = {}, [], {}
     for record in records:
+        rows.setdefault(record["model"], {})
         for metric, value in record["metrics"].items():
             column = f"{metric} ({record['split']})"
             if column not in columns:
@@ -104,6 +112,8 @@ def results_table(records):
                 raise ValueError(f"runs {source[cell]} and {record['run']} both report {column} for {record['model']}")
             source[cell] = record["run"]
             rows.setdefault(record["model"], {})[column] = value
+    if not columns:
+        return "no metrics to tabulate: the splits scored have no labels (predictions are in each run's eval/)"
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, values in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[c]:.3f}" if c in values else "-" for c in columns) + " |")

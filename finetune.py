@@ -29,7 +29,7 @@ import engine
 import tasks
 from model import (apply_freezing, build_encoder, enable_gradient_checkpointing, format_parameter_summary,
                    load_checked, resize_position_embeddings)
-from tasks.common import to_device, unused_modules
+from tasks.common import format_malformed_rows, malformed_rows, to_device, unused_modules
 
 # The keys that decide the encoder's parameters and what its inputs mean: a fine-tuned model must have them as
 # the pretrained one did. image_size is not among them (position embeddings are interpolated), nor is dropout.
@@ -96,6 +96,7 @@ def main(argv):
     val_set = task.eval_dataset(cfg, val_split, eval_transform, label_names)
     task.check_evaluation_images(cfg, val_split, val_set, eval_transform, label_names)
 
+    malformed = malformed_rows(train_set, val_set)  # rows the readers skipped, reported at start and in the log
     model = task.build_model(build_encoder(cfg, len(tokenizer)), label_names)
     resuming = cfg.resume and engine.latest_checkpoint(cfg.out_dir) is not None  # engine.train restores it
     loaded = load_pretrained(model, task, pretrained["model"], source) if pretrained and not resuming else None
@@ -116,6 +117,8 @@ def main(argv):
             print(f"not run by {task.name} ({task.inputs} only), so not trained: {', '.join(unused)}")
         print(f"task {task.name}: {len(train_set)} training items from {task.training_splits(cfg)}, "
               f"validation on {val_split} ({len(val_set)} items), {len(label_names)} labels")
+        for line in format_malformed_rows(malformed):
+            print(line)
 
     loader = data.build_loader(train_set, cfg, dist.rank, dist.world_size, cfg.seed, task.train_collate(tokenizer, cfg))
 
@@ -132,8 +135,13 @@ def main(argv):
         with open(path + ".tmp", "w") as f:
             json.dump(label_names, f)
         os.replace(path + ".tmp", path)
+    def first_log_line_notes():  # the skipped rows go into the run's first training log line
+        notes = {"malformed_rows": dict(malformed)} if malformed else {}
+        malformed.clear()
+        return notes
+
     lr_scales = {"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads}
-    engine.train(cfg, dist, model, loader, prepare_batch, evaluate,
+    engine.train(cfg, dist, model, loader, prepare_batch, evaluate, extra_log=first_log_line_notes,
                  lr_scales={k: v for k, v in lr_scales.items() if k in model.module_groups()})
     engine.cleanup_distributed()
 

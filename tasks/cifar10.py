@@ -38,8 +38,8 @@ class CIFAR10Dataset(Dataset):
         for name in names[split]:
             path = cifar_dir / name
             batch = self._read_batch(path)
-            data = np.asarray(_field(batch, "data", str(path)), dtype=np.uint8)
-            batch_labels = np.asarray(_field(batch, "labels", str(path)), dtype=np.int64)
+            data = self._array_field(batch, "data", path, np.uint8)
+            batch_labels = self._array_field(batch, "labels", path, np.int64)
             if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
                 raise ValueError(f"{path}: data {data.shape} with {len(batch_labels)} labels; "
                                  f"expected (N, 3072) with N labels")
@@ -51,6 +51,13 @@ class CIFAR10Dataset(Dataset):
             labels.append(batch_labels)
         self.images = np.ascontiguousarray(np.concatenate(images))  # (N, 32, 32, 3) uint8
         self.labels = np.concatenate(labels)  # (N,)
+
+    @staticmethod
+    def _array_field(batch: dict, key: str, path: Path, dtype) -> np.ndarray:
+        try:
+            return np.asarray(_field(batch, key, str(path)), dtype=dtype)
+        except (ValueError, TypeError, OverflowError):  # a string or an object where numbers belong
+            raise ValueError(f"{path}: field '{key}' does not hold {np.dtype(dtype).name} numbers") from None
 
     @staticmethod
     def _read_batch(path: Path) -> dict:

@@ -101,6 +101,38 @@ def _field(record: dict, key: str, where: str):
     return record[key]
 
 
+def _int_field(record: dict, key: str, where: str) -> int:
+    """An integer field (an int, or a string of digits as some copies write ids), or a one-line error naming
+    the file, the record and the field."""
+    value = _field(record, key, where)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ValueError(f"{where}: field '{key}' is {value!r}, not an integer")
+
+
+MALFORMED_LINES_SHOWN = 5  # line numbers reported per file; the count says how many rows were skipped
+
+
+def malformed_rows(*datasets) -> dict:
+    """{file: {"count": rows skipped, "first_lines": [line numbers]}} over the datasets (and ConcatDataset
+    parts) whose reader skips malformed rows and lists them in `malformed_lines` (QQP); {} when none was."""
+    found = {}
+    for dataset in datasets:
+        for part in getattr(dataset, "datasets", [dataset]):
+            lines = getattr(part, "malformed_lines", None)
+            if lines:
+                found[str(part.path)] = {"count": len(lines), "first_lines": lines[:MALFORMED_LINES_SHOWN]}
+    return found
+
+
+def format_malformed_rows(found: dict) -> list:
+    """One console line per file of malformed_rows(...)."""
+    return [f"{path}: {m['count']} malformed rows skipped (lines {', '.join(map(str, m['first_lines']))}"
+            f"{', ...' if m['count'] > len(m['first_lines']) else ''})" for path, m in found.items()]
+
+
 def _label(value, label_set: dict, where: str, key: str) -> int:
     try:
         return label_set[value]

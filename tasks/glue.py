@@ -56,7 +56,8 @@ class GLUEDataset(Dataset):
     """`glue_data/<TASK>/<split>.tsv`, split = train, dev, test (MNLI: dev_matched, dev_mismatched,
     test_matched, test_mismatched). Tab-separated with no quoting (sentences contain quote characters).
     Item: {"text", "text_pair" (None for single-sentence tasks), "label"}: a class, a float for STS-B,
-    -1 in test files (no labels). QQP's malformed rows are skipped; `num_malformed` counts them."""
+    -1 in test files (no labels). QQP's malformed rows are skipped; `malformed_lines` lists their line numbers
+    (common.malformed_rows reports them)."""
 
     def __init__(self, glue_dir, task: str, split: str):
         if task not in GLUE_FORMATS:
@@ -65,7 +66,7 @@ class GLUEDataset(Dataset):
         self.task, self.path = task, Path(glue_dir) / fmt.folder / f"{split}.tsv"
         is_test = split.startswith("test")
         texts, pairs, labels = [], [], []
-        self.num_malformed = 0
+        self.malformed_lines = []
         try:
             f = open(self.path, encoding="utf-8-sig", newline="")  # utf-8-sig: MRPC's files open with a BOM
         except FileNotFoundError:
@@ -84,7 +85,7 @@ class GLUEDataset(Dataset):
                 where = f"{self.path}:{rows.line_num}"
                 if len(row) != len(header):
                     if fmt.skip_malformed:
-                        self.num_malformed += 1
+                        self.malformed_lines.append(rows.line_num)
                         continue
                     raise ValueError(f"{where}: {len(row)} fields, expected {len(header)} ({', '.join(header)})")
                 texts.append(row[column[fmt.text]])

@@ -17,7 +17,8 @@ import data
 from data import SHAPES, StringArray
 from model import ClassifierHead, FreezableModel
 from tasks.base import Task
-from tasks.common import Transform, _classification_outputs, _field, _read_json, _read_pickle, load_image
+from tasks.common import (Transform, _classification_outputs, _field, _int_field, _read_json, _read_pickle,
+                          load_image)
 from tasks.metrics import accuracy
 from tasks.synthetic import _kind, _world_scenes
 
@@ -51,7 +52,7 @@ class RefCOCODataset(Dataset):
         images = {}
         for k, image in enumerate(_field(instances, "images", str(instances_path))):
             where = f"{instances_path}: images[{k}]"
-            size = (int(_field(image, "width", where)), int(_field(image, "height", where)))
+            size = (_int_field(image, "width", where), _int_field(image, "height", where))
             images[_field(image, "id", where)] = (str(_field(image, "file_name", where)), *size)
         anns_by_image = {}
         for k, ann in enumerate(_field(instances, "annotations", str(instances_path))):
@@ -59,7 +60,7 @@ class RefCOCODataset(Dataset):
             bbox = _field(ann, "bbox", where)
             if len(bbox) != 4:
                 raise ValueError(f"{where}: bbox {bbox!r} is not [x, y, w, h]")
-            ann_id = int(_field(ann, "id", where))
+            ann_id = _int_field(ann, "id", where)
             anns_by_image.setdefault(_field(ann, "image_id", where), []).append((ann_id, bbox))
 
         # Per used image: its annotations sorted by id, stored flat with offsets.
@@ -85,8 +86,8 @@ class RefCOCODataset(Dataset):
                                  f"in {instances_path}")
             for s, sentence in enumerate(_field(ref, "sentences", where)):
                 texts.append(str(_field(sentence, "sent", f"{where} sentence {s}")))
-                sent_ids.append(int(_field(sentence, "sent_id", f"{where} sentence {s}")))
-                ref_ids.append(int(_field(ref, "ref_id", where)))
+                sent_ids.append(_int_field(sentence, "sent_id", f"{where} sentence {s}"))
+                ref_ids.append(_int_field(ref, "ref_id", where))
                 item_image.append(row)
                 item_target.append(image_ann_ids.index(ann_id))
         self.file_names = StringArray(file_names)

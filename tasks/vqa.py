@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from data import COLOURS, SHAPES, StringArray
 from model import TaskModel
 from tasks.base import Task
-from tasks.common import Transform, _field, _read_json, load_image
+from tasks.common import Transform, _field, _int_field, _read_json, load_image
 from tasks.synthetic import _kind, _pick, _where, _world_scenes
 
 # -----------------------------------------------------------------------------
@@ -116,8 +116,8 @@ def read_vqa_annotations(path) -> list:
     annotations = _field(_read_json(path), "annotations", str(path))
     for k, ann in enumerate(annotations):
         where = f"{path}: annotations[{k}]"
-        for key in ("question_id", "image_id", "multiple_choice_answer"):
-            _field(ann, key, where)
+        _int_field(ann, "question_id", where), _int_field(ann, "image_id", where)
+        _field(ann, "multiple_choice_answer", where)
         answers = _field(ann, "answers", where)
         if len(answers) != 10:
             raise ValueError(f"{where}: {len(answers)} answers, expected 10")
@@ -166,8 +166,8 @@ class VQADataset(Dataset):
         question_ids, image_ids, questions = [], [], []
         for k, question in enumerate(_field(_read_json(self.questions_path), "questions", str(self.questions_path))):
             where = f"{self.questions_path}: questions[{k}]"
-            question_ids.append(int(_field(question, "question_id", where)))
-            image_ids.append(int(_field(question, "image_id", where)))
+            question_ids.append(_int_field(question, "question_id", where))
+            image_ids.append(_int_field(question, "image_id", where))
             questions.append(str(_field(question, "question", where)))
         # Storage is indexed by question row r; item i of this dataset (or of a select() view) is row rows[i].
         self.rows = np.arange(len(question_ids))  # (N,)
@@ -181,7 +181,7 @@ class VQADataset(Dataset):
         annotations_path = vqa_dir / f"v2_mscoco_{split}_annotations.json"
         if split.startswith("test"):
             return
-        by_question = {ann["question_id"]: ann for ann in read_vqa_annotations(annotations_path)}
+        by_question = {int(ann["question_id"]): ann for ann in read_vqa_annotations(annotations_path)}
         answers = []
         for k, question_id in enumerate(question_ids):
             if question_id not in by_question:
@@ -322,8 +322,9 @@ class VQATask(Task):
             annotations += anns
         vocab = build_answer_vocab(annotations, cfg.vqa_min_answer_count)
         if not vocab:
+            splits = cfg.vqa_answer_splits or self.training_splits(cfg)
             raise ValueError(f"VQA: no answer is given to {cfg.vqa_min_answer_count} questions (vqa_min_answer_count) "
-                             f"of {cfg.vqa_answer_splits or self.training_splits(cfg)}: the answer vocabulary would be empty")
+                             f"of {splits}: the answer vocabulary would be empty")
         return vocab
 
     def build_model(self, encoder, label_names):

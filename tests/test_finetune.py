@@ -418,3 +418,28 @@ def test_fine_tuning_refuses_to_start_with_a_missing_validation_image(tmp_path):
     assert done.stderr.startswith(f"error: snli_ve split 'dev': 1 of its {n_images} image files not found: "
                                   f"{image_dir / f'{dev_only[0]}.jpg'} (the first named by "), done.stderr
     assert not out.exists()  # refused before anything was written
+
+
+# -----------------------------------------------------------------------------
+# What the run output says
+
+
+def test_glue_malformed_rows_are_reported_at_start_and_in_the_log(data_root, tmp_path, capsys):
+    cfg = tiny_config(data_root=data_root, **WORLD)
+    train = tasks.TASKS["qqp"].train_dataset(cfg, None)  # the synthetic QQP train.tsv has one malformed row
+    (line,) = train.malformed_lines
+    out = tmp_path / "qqp"
+    train_log, _ = run(data_root, out, "qqp", 2, log_interval=1, micro_batch_size=8, batch_size=8, eval_batches=1)
+    assert f"{train.path}: 1 malformed rows skipped (lines {line})" in capsys.readouterr().out
+    assert train_log[0]["malformed_rows"] == {str(train.path): {"count": 1, "first_lines": [line]}}
+    assert "malformed_rows" not in train_log[1]  # reported once, not on every line
+
+
+def test_results_table_of_unlabelled_splits_only():
+    unlabelled = [{"model": "out/a", "split": "test-dev2015", "metrics": {}, "run": "out/vqa"}]
+    assert evaluate.results_table(unlabelled) == ("no metrics to tabulate: the splits scored have no labels "
+                                                  "(predictions are in each run's eval/)")
+    labelled = {"model": "out/b", "split": "dev", "metrics": {"nlvr2_acc": 0.5}, "run": "out/nlvr2"}
+    table = evaluate.results_table(unlabelled + [labelled]).splitlines()
+    assert table == ["| model | nlvr2_acc (dev) |", "|---|---|", "| out/a | - |", "| out/b | 0.500 |"]
+    assert len({line.count("|") for line in table}) == 1  # every line has the header's cells

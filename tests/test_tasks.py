@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import ConcatDataset
 
 import engine
 import tasks
 from data import SHAPES, synthetic_tokenizer
 from tasks.cifar10 import CIFAR10Dataset
-from tasks.common import Collator
+from tasks.common import Collator, format_malformed_rows, malformed_rows
 from tasks.glue import GLUE_FORMATS, GLUE_SYNTHETIC_SIZES, GLUEDataset, glue_metrics
 from tasks.metrics import accuracy, average_ranks, f1_binary, matthews_corrcoef, pearson, spearman
 from tasks.nlvr2 import NLVR2Dataset, nlvr2_consistency, nlvr2_sentence_key
@@ -594,8 +595,18 @@ def test_glue_qqp_skips_and_counts_malformed_rows(tmp_path):
                                            ["2", "3", "4", "Broken row with no second question"],
                                            ["3", "5", "6", "Is it?", "Is it not?", "1"]])
     data = GLUEDataset(tmp_path, "qqp", "train")
-    assert len(data) == 2 and data.num_malformed == 1
+    assert len(data) == 2 and data.malformed_lines == [3]  # the header is line 1
     assert data[1] == {"text": "Is it?", "text_pair": "Is it not?", "label": 1}
+    path = str(tmp_path / "QQP/train.tsv")
+    found = malformed_rows(data, GLUEDataset(tmp_path, "qqp", "train"))
+    assert found == {path: {"count": 1, "first_lines": [3]}}
+    assert format_malformed_rows(found) == [f"{path}: 1 malformed rows skipped (lines 3)"]
+    many = [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]] + [["1", "broken"]] * 7
+    write_tsv(tmp_path / "QQP/dev.tsv", many)
+    dev = GLUEDataset(tmp_path, "qqp", "dev")
+    assert format_malformed_rows(malformed_rows(ConcatDataset([data, dev]))) == [
+        f"{path}: 1 malformed rows skipped (lines 3)",
+        f"{tmp_path / 'QQP/dev.tsv'}: 7 malformed rows skipped (lines 2, 3, 4, 5, 6, ...)"]
 
 
 def test_glue_errors_name_file_line_and_label(tmp_path):
@@ -728,7 +739,8 @@ def synthetic_cfg(root, **overrides):
     return SimpleNamespace(**{"data_root": str(root), "synthetic_task": True, "synthetic_images": 40,
                               "synthetic_seed": 3, "synthetic_image_size": 32, "task_dir": "", "coco_dir": "",
                               "f30k_dir": "", "train_splits": [], "val_split": "", "eval_splits": [],
-                              "vqa_min_answer_count": 2, "vqa_answer_splits": [], "vqa_heldout_fraction": 0.3, "seed": 0, **overrides})
+                              "vqa_min_answer_count": 2, "vqa_answer_splits": [], "vqa_heldout_fraction": 0.3,
+                              "seed": 0, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -832,7 +844,7 @@ def test_synthetic_glue_all_nine_tasks_read(synthetic_root):
             assert (data.text_pairs is not None) == (fmt.text_pair is not None)
         if fmt.labels is not None:
             assert len(set(GLUEDataset(glue, name, "train").labels.tolist())) == len(fmt.labels)
-    assert GLUEDataset(glue, "qqp", "train").num_malformed == 1
+    assert len(GLUEDataset(glue, "qqp", "train").malformed_lines) == 1
     stsb = GLUEDataset(glue, "stsb", "train").labels
     assert stsb.min() >= 0 and stsb.max() == 5 and len(set(stsb.tolist())) > 3
 
@@ -877,3 +889,38 @@ def test_vqa_answer_vocabulary_source(synthetic_root):
     # the paper config asks for the original's vocabulary
     cfg = engine.load_config(["configs/vqa.py"])
     assert (cfg.vqa_answer_splits, cfg.vqa_min_answer_count) == (["train2014", "val2014"], 9)
+
+
+def test_integer_fields_that_are_not_integers_name_file_record_and_field(tmp_path):
+    vqa = tmp_path / "vqa"
+    write_vqa(vqa, "val2014", [(1, 5, "Q?"), ("q2", 5, "Q2?")], [(1, 5, "yes", ["yes"] * 10)])
+    with pytest.raises(ValueError, match=r"questions\.json: questions\[1\]: field 'question_id' is 'q2', not an "
+                                         r"integer"):
+        VQADataset(vqa, "val2014", tmp_path, to_tensor)
+    write_vqa(vqa, "val2014", [(1, "five", "Q?")])
+    with pytest.raises(ValueError, match=r"questions\[0\]: field 'image_id' is 'five', not an integer"):
+        VQADataset(vqa, "val2014", tmp_path, to_tensor)
+    write_vqa(vqa, "val2014", [("7", 5, "Q?")], [(None, 5, "yes", ["yes"] * 10)])
+    with pytest.raises(ValueError, match=r"annotations\.json: annotations\[0\]: field 'question_id' is None"):
+        VQADataset(vqa, "val2014", tmp_path, to_tensor)
+    write_vqa(vqa, "val2014", [("7", 5, "Q?")], [("7", 5, "yes", ["yes"] * 10)])  # ids written as digits are ids
+    assert VQADataset(vqa, "val2014", tmp_path, to_tensor).question_ids.tolist() == [7]
+
+    refer_dir, image_dir = make_refcoco(tmp_path)
+    instances = json.loads((refer_dir / "instances.json").read_text())
+    instances["images"][1]["width"] = "wide"
+    (refer_dir / "instances.json").write_text(json.dumps(instances))
+    with pytest.raises(ValueError, match=r"instances\.json: images\[1\]: field 'width' is 'wide', not an integer"):
+        RefCOCODataset(refer_dir, "train", image_dir, to_tensor)
+    instances["images"][1]["width"] = 5
+    instances["annotations"][2]["id"] = 1.5
+    (refer_dir / "instances.json").write_text(json.dumps(instances))
+    with pytest.raises(ValueError, match=r"instances\.json: annotations\[2\]: field 'id' is 1\.5, not an integer"):
+        RefCOCODataset(refer_dir, "train", image_dir, to_tensor)
+
+    root = tmp_path / "cifar-10-batches-py"
+    write_cifar(root, pickle_py3, str)
+    batch, _ = cifar_batch(str, [1, 2], seed=0)
+    pickle_py3(root / "test_batch", {**batch, "labels": ["cat", "dog"]})
+    with pytest.raises(ValueError, match=r"test_batch: field 'labels' does not hold int64 numbers"):
+        CIFAR10Dataset(root, "test", to_tensor)
