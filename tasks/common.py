@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as tdist
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -268,6 +269,13 @@ def predict_items(model, dataset, collate, cfg, dist, max_items=0, desc=None) ->
     parts = _gather((torch.cat(indices), torch.cat(preds)), dist)
     order = torch.cat([i for i, _ in parts]).argsort()
     return torch.cat([p for _, p in parts])[order].numpy()
+
+
+def in_float32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) in float32 with autocast off: for the final layer of scores that are ranked or regressed, where
+    bfloat16's 8-bit mantissa would round near scores into ties (which retrieval counts as misses)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
 
 
 def _classification_outputs(logits, labels):

@@ -16,7 +16,7 @@ import data
 from data import COLOURS, SHAPES, StringArray
 from model import TaskModel
 from tasks.base import Task
-from tasks.common import ClassifierModel, _label
+from tasks.common import ClassifierModel, _label, in_float32
 from tasks.metrics import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
 from tasks.snli_ve import SNLIVEDataset
 from tasks.synthetic import _kind, _neutral_statement, _pick, _statement, _world_scenes, _write_lines
@@ -118,7 +118,12 @@ class GLUEDataset(Dataset):
 
 
 class RegressionModel(TaskModel):
-    """Encoder + one output trained with mean squared error (STS-B's similarity from 0 to 5)."""
+    """Encoder + one output trained with mean squared error (STS-B's similarity from 0 to 5). The head runs in
+    float32 outside autocast: bfloat16 would round its outputs to 2-3 significant digits."""
+
+    def logits(self, batch):  # -> (B, 1) float32
+        out = self.encoder(batch.get("input_ids"), batch.get("attention_mask"), batch.get("pixel_values"))
+        return in_float32(self.head, out.pooled)
 
     def forward(self, batch):
         return {"loss": F.mse_loss(self.logits(batch).float().squeeze(-1), batch["labels"].float())}

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 import data
 from model import Embedded, FreezableModel
 from tasks.base import Task
-from tasks.common import Progress, Transform, load_image
+from tasks.common import Progress, Transform, in_float32, load_image
 from tasks.synthetic import generate_synthetic_flickr30k
 
 # -----------------------------------------------------------------------------
@@ -151,8 +151,8 @@ class RetrievalModel(FreezableModel):
     def heads(self):
         return [self.head]
 
-    def match(self, text: Embedded, image: Embedded):  # N pairs of encoded captions and pictures -> (N,)
-        return self.head(self.encoder.fuse(text, image).pooled).squeeze(-1)
+    def match(self, text: Embedded, image: Embedded):  # N pairs of encoded captions and pictures -> (N,) float32
+        return in_float32(self.head, self.encoder.fuse(text, image).pooled).squeeze(-1)
 
     def forward(self, batch):
         text = self.encoder.encode_text(batch["input_ids"], batch["attention_mask"])

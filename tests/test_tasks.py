@@ -18,17 +18,20 @@ from torch.utils.data import ConcatDataset
 import engine
 import tasks
 from data import SHAPES, synthetic_tokenizer
+from model import build_encoder
 from tasks.cifar10 import CIFAR10Dataset
 from tasks.common import Collator, format_malformed_rows, malformed_rows
 from tasks.glue import GLUE_FORMATS, GLUE_SYNTHETIC_SIZES, GLUEDataset, glue_metrics
 from tasks.metrics import accuracy, average_ranks, f1_binary, matthews_corrcoef, pearson, spearman
 from tasks.nlvr2 import NLVR2Dataset, nlvr2_consistency, nlvr2_sentence_key
 from tasks.refcoco import BoxScoringHead, RefCOCODataset
-from tasks.retrieval import load_retrieval_split, retrieval_recall, sample_negative_images
+from tasks.retrieval import (RetrievalModel, RetrievalSplit, load_retrieval_split, retrieval_recall, retrieval_scores,
+                             sample_negative_images)
 from tasks.snli_ve import SNLIVEDataset
 from tasks.synthetic import SYNTHETIC_MARKER
 from tasks.vqa import (VQADataset, build_answer_vocab, heldout_split_by_image, normalize_answer, read_vqa_annotations,
                        vqa_accuracy, vqa_score, vqa_soft_score, write_vqa_results)
+from tiny import tiny_config
 
 
 def to_tensor(image):  # PIL RGB -> (3, H, W) uint8, so tests can check pixels
@@ -924,3 +927,44 @@ def test_integer_fields_that_are_not_integers_name_file_record_and_field(tmp_pat
     pickle_py3(root / "test_batch", {**batch, "labels": ["cat", "dog"]})
     with pytest.raises(ValueError, match=r"test_batch: field 'labels' does not hold int64 numbers"):
         CIFAR10Dataset(root, "test", to_tensor)
+
+
+def float32_head_of(head, run):
+    """run() under bfloat16 autocast, and what `head` gives in float32, autocast off, on the features it saw."""
+    seen = []
+    hook = head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = run()
+    hook.remove()
+    return scores, head(torch.cat(seen).float()).squeeze(-1)
+
+
+def test_bfloat16_evaluation_scores_come_from_a_float32_layer(one_thread):
+    """Retrieval scores and STS-B outputs leave their head in float32 even under bfloat16 autocast, so their ranks
+    are those of float32 scores on the same features. The bias puts every score near 1e4, where bfloat16's
+    spacing is 64: a bfloat16 head would make them all ties (counted as misses by retrieval). The encoder's own
+    bfloat16 rounding is not in question here: it moves the features, not the layer that ranks them."""
+    tokenizer = synthetic_tokenizer()
+    cfg = tiny_config(micro_batch_size=4, eval_pairs_batch=8, num_workers=0)
+    dist = engine.Dist(rank=0, local_rank=0, world_size=1, master=True, device=torch.device("cpu"), is_ddp=False)
+    torch.manual_seed(0)
+    images = [{"image": torch.rand(3, 32, 32)} for _ in range(3)]
+    captions = ["a red circle", "two blue squares", "a green triangle left", "one small star", "big yellow"]
+    split = RetrievalSplit(images, np.arange(3), captions, np.array([0, 0, 1, 2, 2]))
+    retrieval = RetrievalModel(build_encoder(cfg, len(tokenizer))).eval()
+    with torch.no_grad():
+        retrieval.head.weight.mul_(100)  # scores spread over a few units, resolved by float32 at 1e4 (spacing 1e-3)
+        retrieval.head.bias.fill_(1e4)
+        bf16, fp32 = float32_head_of(retrieval.head, lambda: retrieval_scores(retrieval, split, tokenizer, cfg, dist))
+    assert bf16.dtype == np.float32 and len(np.unique(bf16)) == bf16.size  # no ties
+    assert np.array_equal(bf16.ravel(), fp32.numpy())  # pairs are scored image-major, as the matrix is laid out
+
+    stsb = tasks.TASKS["stsb"]
+    regression = stsb.build_model(build_encoder(cfg, len(tokenizer)), stsb.label_names(cfg)).eval()
+    batch = Collator(tokenizer, 16)([{"text": c, "text_pair": "a shape", "label": 1.0} for c in captions])
+    with torch.no_grad():
+        regression.head.net[-1].weight.mul_(100)
+        regression.head.net[-1].bias.fill_(1e4)
+        bf16, fp32 = float32_head_of(regression.head, lambda: regression.predict(batch))
+    assert bf16.dtype == torch.float32 and len(bf16.unique()) == len(captions)
+    assert torch.equal(bf16, fp32)
