@@ -103,6 +103,13 @@ class NLVR2Model(FreezableModel):
         super().__init__()
         self.encoder = encoder
         self.head = ClassifierHead(2 * encoder.pooled_dim, 2)
+        self.second_image_type_from_first()
+
+    def second_image_type_from_first(self) -> None:
+        """The right image's modality-type embedding (type 2) becomes a copy of the left's (type 1), as in ViLT
+        and the original: pretraining never trains type 2, so left at its N(0, 1) start it would only be noise."""
+        with torch.no_grad():
+            self.encoder.modality_type.weight[2].copy_(self.encoder.modality_type.weight[1])
 
     def heads(self):
         return [self.head]
@@ -134,6 +141,11 @@ class NLVR2Task(Task):
 
     def build_model(self, encoder, label_names):
         return NLVR2Model(encoder)
+
+    def init_head(self, model, pretrained_state):
+        """After the pretrained weights are in: type 2 starts from the pretrained type 1 (see NLVR2Model)."""
+        model.second_image_type_from_first()
+        return "new head initialised at random; second image type's embedding copied from the first's"
 
     def score(self, preds, dataset, split):
         labels = dataset.labels[:len(preds)]

@@ -443,3 +443,18 @@ def test_results_table_of_unlabelled_splits_only():
     table = evaluate.results_table(unlabelled + [labelled]).splitlines()
     assert table == ["| model | nlvr2_acc (dev) |", "|---|---|", "| out/a | - |", "| out/b | 0.500 |"]
     assert len({line.count("|") for line in table}) == 1  # every line has the header's cells
+
+
+def test_nlvr2_second_image_type_starts_as_the_pretrained_first():
+    task = tasks.TASKS["nlvr2"]
+    cfg = tiny_config(tokenizer="synthetic")
+    model = task.build_model(finetune.build_encoder(cfg, len(data.synthetic_tokenizer())), task.label_names(cfg))
+    types = model.encoder.modality_type.weight
+    assert torch.equal(types[2], types[1]) and not torch.equal(types[1], types[0])  # from scratch too
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(finetune.NEW_HEAD)}
+    pretrained = state["encoder.modality_type.weight"]
+    pretrained[1].fill_(0.25)  # trained by pretraining
+    pretrained[2].normal_()  # never trained: still its random start
+    message = finetune.load_pretrained(model, task, state, "ckpt_1.pt")
+    assert torch.equal(types[1], pretrained[1]) and torch.equal(types[2], pretrained[1])
+    assert torch.equal(types[0], pretrained[0]) and "copied from the first" in message
