@@ -3,7 +3,9 @@ passes (same losses as a plain reference), the frozen vision feature cache (same
 paper towers, and an end-to-end run of bench.py."""
 
 import dataclasses
+import functools
 import json
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -256,7 +258,9 @@ def test_random_init_towers_builds_the_paper_models_exact_dimensions():
         bench.random_init_towers(engine.Config(vision_tower="someone/vit-huge"))
 
 
-def test_bench_runs_and_writes_its_table(tmp_path, capsys):
+def test_bench_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):
+    # bench.py measures each variant in a child process; here each gets a time limit, so none can hang the test
+    monkeypatch.setattr(bench.subprocess, "run", functools.partial(subprocess.run, timeout=300))
     config = tmp_path / "tiny.py"
     config.write_text("".join(f"{key} = {value!r}\n" for key, value in TINY.items()))
     report = bench.main([str(config), "--data=random", "--steps=2", "--warmup=0", "--peak_tflops=1",

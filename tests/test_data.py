@@ -115,12 +115,13 @@ def test_ensure_synthetic_world_generates_once_and_other_ranks_wait(tmp_path, mo
     cfg = make_cfg(tmp_path)
     waited = {}
 
-    def other_rank():
-        waited["root"] = data.ensure_synthetic_world(cfg, SimpleNamespace(local_rank=1))
-    waiter = threading.Thread(target=other_rank)
+    def other_rank():  # bounded wait, and a daemon thread: a rank 0 that never finishes cannot hang the suite
+        waited["root"] = data.ensure_synthetic_world(cfg, SimpleNamespace(local_rank=1), timeout_seconds=60)
+    waiter = threading.Thread(target=other_rank, daemon=True)
     waiter.start()
     root = data.ensure_synthetic_world(cfg, SimpleNamespace(local_rank=0))
-    waiter.join(timeout=30)
+    waiter.join(timeout=60)
+    assert not waiter.is_alive(), "the waiting rank never saw the world finished"
     assert waited["root"] == root == Path(cfg.data_root) / "synthetic"
     assert os.listdir(cfg.data_root) == ["synthetic"]  # no staging folder left behind
     stamp = (root / "world.json").stat().st_mtime_ns

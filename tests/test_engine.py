@@ -4,7 +4,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engine
+import processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_bad_config_files_are_named(tmp_path):
 
 def test_main_guard_prints_one_line_and_exits_2():
     script = "import sys, engine; engine.main_guard(lambda: engine.load_config(sys.argv[1:]))"
-    result = subprocess.run([sys.executable, "-c", script, "--lrr=1"], cwd=REPO, capture_output=True, text=True)
+    result = processes.run([sys.executable, "-c", script, "--lrr=1"], timeout=60, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: command line: unknown config key 'lrr' (did you mean 'lr'?)"]
 
@@ -383,8 +383,8 @@ def test_accumulation_matches_two_processes(tmp_path):
     run_tiny(tmp_path / "one", micro_batch_size=4, batch_size=16)
     script = write(tmp_path / "ddp.py", DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             script, str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=120)
+    result = processes.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            script, str(tmp_path / "two")], timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2 | micro batch 4 | accumulation 2 | global batch 16" in result.stdout
     one = torch.load(tmp_path / "one" / "ckpt_8.pt", weights_only=True)

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, BertConfig, BertModel, ResNetCon
 from model import (EncoderOutput, MLMHead, OneTowerEncoder, TaskModel, TowerLoadError, TwoTowerEncoder,
                    apply_freezing, build_encoder, build_pretrain_model, enable_gradient_checkpointing,
                    load_checked, load_tower, parameter_summary)
+from processes import join_spawned
 from tiny import tiny_config
 
 VOCAB = 60
@@ -307,6 +308,7 @@ def test_ddp_with_frozen_tower_needs_no_unused_parameter_search():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)  # replicas stay in sync
+    with mp.Manager() as manager:
+        results = manager.dict()
+        join_spawned(mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=False), timeout=180)
+        torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)  # replicas stay in sync

@@ -3,7 +3,6 @@ weights and learning-rate multipliers, the schedule in optimizer steps, and clea
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 import engine
 import pretrain
+import processes
 from model import PretrainModel, apply_freezing, build_encoder, build_pretrain_model
 from tiny import tiny_config
 
@@ -102,10 +102,10 @@ def test_one_process_equals_two(tmp_path, data_root):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = TINY_RUN + NO_DROPOUT + [f"--data_root={data_root}", "--max_steps=3", "--eval_interval=100"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    subprocess.run([sys.executable, "pretrain.py", *args, f"--out_dir={one}"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "pretrain.py", *args, f"--out_dir={two}"], cwd=ROOT, env=env, check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for command, out in (([sys.executable], one), (torchrun, two)):
+        done = processes.run([*command, "pretrain.py", *args, f"--out_dir={out}"], timeout=300, cwd=ROOT, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
     a, _ = read_log(one)
     b, _ = read_log(two)
     assert len(a) == len(b) == 3
@@ -154,7 +154,8 @@ PAPER_CONFIGS = ["freeze_none.py", "freeze_text.py", "freeze_vision.py", "freeze
 def test_paper_configs_fail_offline_with_one_line(config, tmp_path):
     """Offline, each paper config stops at the first thing it cannot load, naming it in one line."""
     with pytest.raises(ValueError) as err:
-        pretrain.main([str(ROOT / "configs" / config), f"--data_root={tmp_path}", f"--out_dir={tmp_path / 'run'}"])
+        pretrain.main([str(ROOT / "configs" / config), f"--data_root={tmp_path}", f"--out_dir={tmp_path / 'run'}",
+                       "--max_steps=1"])  # were loading to succeed, one step, not the config's hundred thousand
     message = str(err.value)
     assert "\n" not in message and "could not load" in message
     assert any(name in message for name in ("electra", "bert-base-uncased", "vit-base"))
@@ -162,8 +163,8 @@ def test_paper_configs_fail_offline_with_one_line(config, tmp_path):
 
 
 def test_entry_point_exit_status_and_single_error_line(tmp_path):
-    done = subprocess.run([sys.executable, "pretrain.py", "configs/freeze_vision.py", f"--data_root={tmp_path}",
-                           "--micro_batch_sise=8"], cwd=ROOT, capture_output=True, text=True)
+    done = processes.run([sys.executable, "pretrain.py", "configs/freeze_vision.py", f"--data_root={tmp_path}",
+                          "--micro_batch_sise=8", "--max_steps=1"], timeout=120, cwd=ROOT)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "micro_batch_sise" in lines[0] and "micro_batch_size" in lines[0]
