@@ -16,6 +16,10 @@ import torch
 
 import data
 import tasks
+from tasks.nlvr2 import NLVR2Model, nlvr2_consistency
+from tasks.retrieval import RetrievalModel, RetrievalSplit, retrieval_recall, retrieval_scores
+from tasks.refcoco import RefCOCOModel
+from tasks.vqa import vqa_score
 from model import OneTowerEncoder, TwoTowerEncoder, additive_mask, apply_freezing, build_encoder, build_pretrain_model
 from tiny import tiny_config
 
@@ -106,7 +110,7 @@ def test_nlvr2_model_tells_the_two_pictures_apart_by_type_embedding():
     """NLVR2: the left picture enters the cross-modal layers with type 1, the right with type 2, both beside the
     same caption stream; the classifier reads the left pooled output first."""
     enc = encoder()
-    model = tasks.NLVR2Model(enc).eval()
+    model = NLVR2Model(enc).eval()
     input_ids, attention_mask, left = make_inputs(0)
     right = make_inputs(1)[2]
     rec = Recorder()
@@ -428,9 +432,9 @@ def test_nlvr2_consistency_needs_every_pair_of_a_sentence_right_in_any_order():
         keys = [f"dev-{items[i][0]}--0" for i in order]
         labels = [i % 2 for i in order]
         preds = [label if items[i][1] else 1 - label for i, label in zip(order, labels)]
-        assert tasks.nlvr2_consistency(keys, preds, labels) == pytest.approx(1 / 3), order
-    assert tasks.nlvr2_consistency(["a", "b", "a"], [1, 1, 0], [1, 1, 1]) == pytest.approx(1 / 2)
-    assert tasks.nlvr2_consistency(["a", "b", "a"], [0, 1, 1], [1, 1, 1]) == pytest.approx(1 / 2)
+        assert nlvr2_consistency(keys, preds, labels) == pytest.approx(1 / 3), order
+    assert nlvr2_consistency(["a", "b", "a"], [1, 1, 0], [1, 1, 1]) == pytest.approx(1 / 2)
+    assert nlvr2_consistency(["a", "b", "a"], [0, 1, 1], [1, 1, 1]) == pytest.approx(1 / 2)
 
 
 def test_nlvr2_task_score_groups_identifiers_by_sentence_across_pairs():
@@ -470,46 +474,46 @@ def test_retrieval_recall_with_captions_in_no_particular_order():
         scores[i, c] += 1.0 if c % 3 else 0.0  # most true pairs score higher, not all
     for k in (1, 2, 3):
         tr, ir = reference_recall(scores, caption_image, k)
-        recalls = tasks.retrieval_recall(scores, caption_image, ks=(k,))
+        recalls = retrieval_recall(scores, caption_image, ks=(k,))
         assert recalls[f"tr_r{k}"] == pytest.approx(tr) and recalls[f"ir_r{k}"] == pytest.approx(ir), k
     # the same retrieval problem with captions and images listed in other orders scores the same
-    reference = tasks.retrieval_recall(scores, caption_image, ks=(1, 2, 3))
+    reference = retrieval_recall(scores, caption_image, ks=(1, 2, 3))
     for seed in range(5):
         order = np.random.default_rng(seed).permutation(10)
         rows = np.random.default_rng(seed + 10).permutation(4)  # new row r holds old image rows[r]
         new_row = np.argsort(rows)
-        shuffled = tasks.retrieval_recall(scores[rows][:, order], new_row[caption_image[order]], ks=(1, 2, 3))
+        shuffled = retrieval_recall(scores[rows][:, order], new_row[caption_image[order]], ks=(1, 2, 3))
         assert shuffled == pytest.approx(reference), seed
     # hand-made, captions alternating between the images: image 0's best caption is the last one, image 1's the
     # first; captions 0, 2 and 3 rank their own image first, caption 1 does not
     scores = np.array([[0.1, 0.5, 0.2, 0.9],
                        [0.8, 0.6, 0.7, 0.3]])
-    assert tasks.retrieval_recall(scores, [1, 0, 1, 0], ks=(1,)) == {"tr_r1": 1.0, "ir_r1": 0.75}
-    assert tasks.retrieval_recall(scores, [0, 0, 1, 1], ks=(1,)) == {"tr_r1": 0.0, "ir_r1": 0.25}
+    assert retrieval_recall(scores, [1, 0, 1, 0], ks=(1,)) == {"tr_r1": 1.0, "ir_r1": 0.75}
+    assert retrieval_recall(scores, [0, 0, 1, 1], ks=(1,)) == {"tr_r1": 0.0, "ir_r1": 0.25}
 
 
 def test_retrieval_scores_put_each_pair_at_its_image_row_and_caption_column():
     """The full (n_images, n_captions) matrix, fused in batches that straddle image rows, equals matching each
     (image, caption) pair on its own; two processes each score their own rows r, r + 2, ..."""
     torch.manual_seed(0)
-    model = tasks.RetrievalModel(encoder()).eval()
+    model = RetrievalModel(encoder()).eval()
     torch.nn.init.normal_(model.head.weight)
     pictures = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    split = tasks.RetrievalSplit(images=[{"image": p} for p in pictures], image_ids=np.array([10, 11, 12]),
+    split = RetrievalSplit(images=[{"image": p} for p in pictures], image_ids=np.array([10, 11, 12]),
                                  captions=["red circle", "two blue squares left of a star", "a star", "green"],
                                  caption_image=np.array([1, 0, 2, 1]))
     tokenizer = data.synthetic_tokenizer()
     cfg = SimpleNamespace(eval_pairs_batch=5, micro_batch_size=2, num_workers=0, max_text_len=16)
     one = SimpleNamespace(rank=0, world_size=1, is_ddp=False, master=True, device=torch.device("cpu"))
     with torch.no_grad():
-        scores = tasks.retrieval_scores(model, split, tokenizer, cfg, one)
+        scores = retrieval_scores(model, split, tokenizer, cfg, one)
         tokens = tokenizer(split.captions, padding="longest", return_tensors="pt")
         expected = np.zeros((3, 4), dtype=np.float32)
         for i, j in itertools.product(range(3), range(4)):
             text = model.encoder.encode_text(tokens["input_ids"][j:j + 1], tokens["attention_mask"][j:j + 1])
             image = model.encoder.encode_image(pictures[i:i + 1])
             expected[i, j] = model.match(text, image).item()
-        rows = [tasks.retrieval_scores(model, split, tokenizer, cfg, SimpleNamespace(
+        rows = [retrieval_scores(model, split, tokenizer, cfg, SimpleNamespace(
             rank=r, world_size=2, is_ddp=False, master=r == 0, device=torch.device("cpu"))) for r in (0, 1)]
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
     assert len(set(np.round(expected.flatten(), 4))) == 12  # every pair scores differently: a swap would show
@@ -519,10 +523,10 @@ def test_retrieval_scores_put_each_pair_at_its_image_row_and_caption_column():
 
 def test_vqa_score_pairs_each_answer_with_its_own_question():
     humans = [["yes"] * 10, ["2"] * 3 + ["3"] * 7, ["red"] * 10]
-    assert tasks.vqa_score(["yes", "2", "red"], humans) == pytest.approx((1 + 0.9 + 1) / 3)
-    assert tasks.vqa_score(["2", "yes", "red"], humans) == pytest.approx(1 / 3)  # same answers, other questions
+    assert vqa_score(["yes", "2", "red"], humans) == pytest.approx((1 + 0.9 + 1) / 3)
+    assert vqa_score(["2", "yes", "red"], humans) == pytest.approx(1 / 3)  # same answers, other questions
     order = [2, 0, 1]
-    assert tasks.vqa_score([["yes", "2", "red"][i] for i in order], [humans[i] for i in order]) == \
+    assert vqa_score([["yes", "2", "red"][i] for i in order], [humans[i] for i in order]) == \
         pytest.approx((1 + 0.9 + 1) / 3)
     vocab = ["red", "yes", "2", "3"]
     dataset = SimpleNamespace(answers=True, answer_vocab=vocab, human_answers=lambda i: humans[i])
@@ -539,7 +543,7 @@ def test_refcoco_scores_each_sentence_against_its_own_target_box():
 
 def test_refcoco_model_scores_each_row_from_its_own_image_and_never_a_padded_box():
     torch.manual_seed(0)
-    model = tasks.RefCOCOModel(encoder()).eval()
+    model = RefCOCOModel(encoder()).eval()
     input_ids, attention_mask, pixel_values = make_inputs()
     boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.5, 0.5, 1.0]]).expand(B, -1, -1)
     box_mask = torch.tensor([[True, True, True], [True, False, False], [True, True, False]])
