@@ -146,8 +146,9 @@ def random_batches(cfg, tokenizer_info, count=4):
 def with_random_vision_features(batches, encoder, cfg):
     """Random batches as the feature cache hands them out: the vision tower's output shape, float16, instead of
     pixels (the compute side of the cache; --data=loader measures the data side too)."""
+    device = next(encoder.vision_tower.parameters()).device  # the probe goes where the tower is
     with torch.no_grad():
-        shape = encoder.vision_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1:]  # (P, D)
+        shape = encoder.vision_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).shape[1:]
     g = torch.Generator().manual_seed(cfg.seed)
     for batch in batches:
         feats = torch.randn(len(batch["image_ids"]), *shape, generator=g).half()
@@ -211,10 +212,12 @@ def saved_activation_bytes(model, batch, autocast):
 
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' datasheets: (bf16/fp16 tensor cores, tf32 tensor cores,
-# fp32 without tensor cores). The first name fragment found in the device name wins.
+# fp32 without tensor cores). The longest name fragment found in the device name wins, so "H200 NVL" is not
+# taken for "H200", nor "A100" for "A10".
 GPU_PEAK_TFLOPS = [
     ("H100 NVL", (835.0, 417.5, 60.0)), ("H100 PCIe", (756.5, 378.0, 51.2)), ("H100", (989.4, 494.7, 66.9)),
-    ("H200", (989.4, 494.7, 66.9)), ("A100", (312.0, 156.0, 19.5)), ("L40S", (362.1, 183.2, 91.6)),
+    ("H200 NVL", (835.5, 417.5, 60.0)), ("H200", (989.4, 494.7, 66.9)), ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.1, 183.2, 91.6)),
     ("L40", (181.0, 90.5, 90.5)), ("L4", (121.0, 60.0, 30.3)), ("A10", (125.0, 62.5, 31.2)),
     ("RTX 4090", (165.2, 82.6, 82.6)), ("RTX 3090", (71.0, 35.6, 35.6)),
 ]
@@ -223,14 +226,15 @@ GPU_PEAK_TFLOPS = [
 def gpu_peak_from_table(device, dtype):
     """(peak FLOP/s, source) from GPU_PEAK_TFLOPS, or None for a GPU the table does not know."""
     name = torch.cuda.get_device_name(device)
-    for fragment, (half, tf32, fp32) in GPU_PEAK_TFLOPS:
-        if fragment in name:
-            if dtype != "float32":
-                return half * 1e12, f"datasheet {dtype} dense peak of {name}"
-            if torch.get_float32_matmul_precision() != "highest":
-                return tf32 * 1e12, f"datasheet tf32 dense peak of {name}"
-            return fp32 * 1e12, f"datasheet fp32 peak of {name}"
-    return None
+    found = [(fragment, peaks) for fragment, peaks in GPU_PEAK_TFLOPS if fragment in name]
+    if not found:
+        return None
+    half, tf32, fp32 = max(found, key=lambda entry: len(entry[0]))[1]
+    if dtype != "float32":
+        return half * 1e12, f"datasheet {dtype} dense peak of {name}"
+    if torch.get_float32_matmul_precision() != "highest":
+        return tf32 * 1e12, f"datasheet tf32 dense peak of {name}"
+    return fp32 * 1e12, f"datasheet fp32 peak of {name}"
 
 
 def measure_gemm_peak(device, dtype):

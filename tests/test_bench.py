@@ -242,6 +242,25 @@ def test_feature_cache_refuses_a_trainable_tower_or_augmentation(tmp_path):
 # Offline paper towers and the whole script
 
 
+def test_random_feature_cache_input_is_built_where_the_vision_tower_is():
+    """The probe that sizes the random cached features runs on the tower's device (here the meta device, which
+    refuses a CPU input as CUDA would)."""
+    cfg = tiny_config(micro_batch_size=2)
+    encoder = build_encoder(cfg, VOCAB).to("meta")
+    batch = next(bench.with_random_vision_features(bench.random_batches(cfg, INFO), encoder, cfg))
+    assert batch["image_feats"].shape == (2, 1 + (32 // 8) ** 2, 32) and "pixel_values" not in batch
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200 NVL", 835.5), ("NVIDIA H200", 989.4),
+                                        ("NVIDIA H100 NVL", 835.0), ("NVIDIA A10", 125.0), ("NVIDIA L4", 121.0),
+                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.1)])
+def test_gpu_peak_table_takes_the_most_specific_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16")[0] == peak * 1e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16") is None
+
+
 def test_random_init_towers_builds_the_paper_models_exact_dimensions():
     cfg, vocab = bench.random_init_towers(engine.Config())
     assert (cfg.text_tower, cfg.vision_tower, cfg.tokenizer, vocab) == (
