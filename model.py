@@ -544,17 +544,16 @@ def build_encoder(cfg, vocab_size):
 
 
 class MLMHead(nn.Module):
-    """Masked language modelling: transform, then vocabulary logits only at labelled positions."""
+    """Masked language modelling: transform, then vocabulary logits only at the given positions."""
 
     def __init__(self, dim, vocab_size):
         super().__init__()
         self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
         self.decoder = nn.Linear(dim, vocab_size)
 
-    def forward(self, text_feats, labels):  # (B, T, D), (B, T) with -100 unlabelled -> (N, V), (N,)
-        selected = labels != -100
+    def forward(self, text_feats, positions):  # (B, T, D), (N,) indices into the B*T positions -> (N, V)
         # Gathering first avoids paying the vocabulary projection for ~85% of positions that carry no label.
-        return self.decoder(self.transform(text_feats[selected])), labels[selected]
+        return self.decoder(self.transform(text_feats.flatten(0, 1).index_select(0, positions)))
 
 
 class ClassifierHead(nn.Module):
@@ -716,15 +715,25 @@ class PretrainModel(FreezableModel):
             return self.encoder.project_image(batch["image_feats"])
         return self.encoder.encode_image(batch["pixel_values"])
 
+    @staticmethod
+    def mlm_positions(mlm_labels, itm_labels, pretrain_pass):
+        """(N,) indices into the flattened (B*T) captions of the positions the MLM loss reads: the labelled ones,
+        of matched pairs only in the shared pass. The batch carries them as "mlm_positions", computed where the
+        masks are drawn (pretrain.make_prepare_batch, on the host): the head then gathers with an index of known
+        size, where a boolean index on the GPU would wait for the device on every micro-step to learn N, and
+        torch.compile would break its graph there. The optimizer step's gradient-norm check stays the one sync."""
+        read = mlm_labels != -100
+        if pretrain_pass == "shared":
+            read = read & (itm_labels[:, None] == 1)
+        return read.flatten().nonzero().squeeze(1)
+
     def forward(self, batch):
         enc = self.encoder
         image = self.encode_image(batch)  # (B, P, D), once for both tasks
-        mlm_labels = batch["mlm_labels"]
         if self.pretrain_pass == "shared":
             paired = image.select(batch["itm_image_index"])
             mlm_fused = itm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]),
                                              paired, cls_only=("image",))
-            mlm_labels = mlm_labels.masked_fill(batch["itm_labels"][:, None] == 0, -100)  # matched pairs only
         else:
             if self.mlm_head is not None:  # MLM reads text features: only the image stream may stop at its CLS
                 mlm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), image,
@@ -734,11 +743,14 @@ class PretrainModel(FreezableModel):
                                      image.select(batch["itm_image_index"]), cls_only=("text", "image"))
         out, loss = {}, torch.zeros((), device=image.feats.device)
         if self.mlm_head is not None:
-            logits, targets = self.mlm_head(mlm_fused.text_feats, mlm_labels)  # (N, V), (N,)
-            # a sum over N targets, not a mean: with N = 0 the loss is still a (zero) function of the head,
-            # so DDP's gradient hooks fire for it as on every other step
-            out["mlm_loss"] = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
-            out["mlm_acc"] = (logits.argmax(-1) == targets).float().mean() if len(targets) else loss.new_zeros(())
+            positions = batch["mlm_positions"]  # (N,), see mlm_positions
+            logits = self.mlm_head(mlm_fused.text_feats, positions)  # (N, V)
+            targets = batch["mlm_labels"].flatten().index_select(0, positions)  # (N,)
+            # sums over N targets, not means: with N = 0 the loss is still a (zero) function of the head, so DDP's
+            # gradient hooks fire for it as on every other step, and no branch depends on N
+            n = max(positions.shape[0], 1)
+            out["mlm_loss"] = F.cross_entropy(logits.float(), targets, reduction="sum") / n
+            out["mlm_acc"] = (logits.argmax(-1) == targets).float().sum() / n
             loss = loss + self.mlm_weight * out["mlm_loss"]
         if self.itm_head is not None:
             logits = self.itm_head(itm_fused.pooled)  # (B, 2)

@@ -25,16 +25,23 @@ INFO = data.TokenizerInfo(mask_token_id=4, vocab_size=VOCAB, special_ids=(0, 1, 
 DIM = TINY["cross_hidden"]
 
 
-def make_batch(seed=0, labelled=2):
+def with_positions(batch, pretrain_pass):
+    """The batch with the MLM positions that pass reads, as pretrain.make_prepare_batch adds them."""
+    return dict(batch, mlm_positions=PretrainModel.mlm_positions(batch["mlm_labels"], batch["itm_labels"],
+                                                                 pretrain_pass))
+
+
+def make_batch(seed=0, labelled=2, pretrain_pass="separate"):
     """A prepared batch: `labelled` MLM targets per row, ITM pairs with two negatives."""
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, VOCAB, (B, T), generator=g)
     labels = torch.full((B, T), -100)
     labels[:, 1:1 + labelled] = input_ids[:, 1:1 + labelled]
-    return dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g), input_ids=input_ids,
-                attention_mask=torch.ones(B, T, dtype=torch.long), mlm_labels=labels,
-                mlm_input_ids=input_ids.masked_fill(labels != -100, INFO.mask_token_id),
-                itm_image_index=torch.tensor([1, 0, 2, 3]), itm_labels=torch.tensor([0, 0, 1, 1]))
+    return with_positions(dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g), input_ids=input_ids,
+                               attention_mask=torch.ones(B, T, dtype=torch.long), mlm_labels=labels,
+                               mlm_input_ids=input_ids.masked_fill(labels != -100, INFO.mask_token_id),
+                               itm_image_index=torch.tensor([1, 0, 2, 3]), itm_labels=torch.tensor([0, 0, 1, 1])),
+                          pretrain_pass)
 
 
 def pretrain_model(pretrain_pass="separate", **overrides):
@@ -64,7 +71,7 @@ def test_flop_counter_sees_freezing_shared_pass_and_labelled_positions():
     batch = make_batch()
     none, both = flops(pretrain_model(), batch), flops(pretrain_model(freeze_text=True, freeze_vision=True), batch)
     assert both < none
-    assert flops(pretrain_model("shared"), batch) < none
+    assert flops(pretrain_model("shared"), make_batch(pretrain_pass="shared")) < none
     # each labelled position costs the MLM head's transform and vocabulary projection, forward and backward
     # (input and weight gradients), and nothing else changes
     one, three = flops(pretrain_model(), make_batch(labelled=1)), flops(pretrain_model(), make_batch(labelled=3))
@@ -114,7 +121,7 @@ def reference_losses(model, batch, shared):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_pretraining_passes_match_the_plain_reference(pretrain_pass, checkpointing):
     model = pretrain_model(pretrain_pass, gradient_checkpointing=checkpointing)
-    batch = make_batch()
+    batch = make_batch(pretrain_pass=pretrain_pass)
     out = model(batch)
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -176,7 +183,8 @@ def test_shared_pass_with_no_matched_pair_still_reaches_every_head_parameter():
     """A micro-batch of negatives only has no MLM target; the MLM head must still get (zero) gradients, or
     DDP would wait for them."""
     model = pretrain_model("shared")
-    batch = dict(make_batch(), itm_labels=torch.zeros(B, dtype=torch.long), itm_image_index=torch.tensor([1, 0, 3, 2]))
+    batch = with_positions(dict(make_batch(), itm_labels=torch.zeros(B, dtype=torch.long),
+                                itm_image_index=torch.tensor([1, 0, 3, 2])), "shared")
     out = model(batch)
     out["loss"].backward()
     assert out["mlm_loss"] == 0
@@ -299,7 +307,7 @@ def test_compiled_model_with_a_frozen_tower_matches_eager():
     capture and autograd as inductor, without generating C++), giving eager's losses and gradients and no
     gradient to the frozen tower."""
     model = pretrain_model("shared", freeze_vision=True, cross_dropout=0.0)
-    batch = make_batch()
+    batch = make_batch(pretrain_pass="shared")
     eager = model(batch)
     eager["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

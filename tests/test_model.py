@@ -8,8 +8,8 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, ResNetConfig, ViTConfig, ViTModel
 
-from model import (EncoderOutput, MLMHead, OneTowerEncoder, TaskModel, TowerLoadError, TwoTowerEncoder,
-                   apply_freezing, build_encoder, build_pretrain_model, enable_gradient_checkpointing,
+from model import (EncoderOutput, MLMHead, OneTowerEncoder, PretrainModel, TaskModel, TowerLoadError,
+                   TwoTowerEncoder, apply_freezing, build_encoder, build_pretrain_model, enable_gradient_checkpointing,
                    load_checked, load_tower, parameter_summary)
 from tiny import tiny_config
 
@@ -25,9 +25,11 @@ def make_batch(seed=0, T=T):
     labels[:, 2] = input_ids[:, 2]
     mlm_input_ids = input_ids.clone()
     mlm_input_ids[:, 2] = 4
+    itm_labels = torch.tensor([0, 0, 1])
     return dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g), input_ids=input_ids,
                 attention_mask=torch.ones(B, T, dtype=torch.long), mlm_input_ids=mlm_input_ids, mlm_labels=labels,
-                itm_image_index=torch.tensor([1, 0, 2]), itm_labels=torch.tensor([0, 0, 1]))
+                mlm_positions=PretrainModel.mlm_positions(labels, itm_labels, "separate"),
+                itm_image_index=torch.tensor([1, 0, 2]), itm_labels=itm_labels)
 
 
 CONFIGS = {
@@ -169,12 +171,19 @@ def test_hand_set_dimensions_with_pretrained_weights_refused(tmp_path):
 def test_mlm_head_projects_only_labelled_positions():
     head = MLMHead(32, VOCAB)
     calls = []
-    head.decoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    head.decoder.register_forward_hook(lambda m, args, out: calls.append(args[0]))
     labels = torch.full((B, T), -100)
     labels[0, 1], labels[2, 5] = 7, 9
-    logits, targets = head(torch.randn(B, T, 32), labels)
-    assert logits.shape == (2, VOCAB) and targets.tolist() == [7, 9]
-    assert calls == [torch.Size([2, 32])]
+    itm_labels = torch.tensor([1, 0, 1])
+    positions = PretrainModel.mlm_positions(labels, itm_labels, "separate")
+    assert positions.tolist() == [1, 2 * T + 5]
+    feats = torch.randn(B, T, 32)
+    logits = head(feats, positions)
+    assert logits.shape == (2, VOCAB) and calls[0].shape == (2, 32)
+    torch.testing.assert_close(calls[0], head.transform(feats[[0, 2], [1, 5]]))  # the rows of those positions
+    labels[1, 3] = 8  # the shared pass reads matched pairs only (row 1 is a mismatch)
+    assert PretrainModel.mlm_positions(labels, itm_labels, "shared").tolist() == [1, 2 * T + 5]
+    assert PretrainModel.mlm_positions(labels, itm_labels, "separate").tolist() == [1, T + 3, 2 * T + 5]
 
 
 def _train_steps(model, steps=3):

@@ -123,6 +123,7 @@ def test_loss_weights_are_applied():
                  mlm_labels=torch.full((4, 6), -100), itm_image_index=torch.tensor([1, 0, 2, 3]),
                  itm_labels=torch.tensor([0, 0, 1, 1]))
     batch["mlm_labels"][:, 3] = 9
+    batch["mlm_positions"] = PretrainModel.mlm_positions(batch["mlm_labels"], batch["itm_labels"], "separate")
     model.mlm_weight, model.itm_weight = 2.0, 0.5
     out = model(batch)
     assert out["loss"].item() == pytest.approx(2.0 * out["mlm_loss"].item() + 0.5 * out["itm_loss"].item())
