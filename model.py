@@ -158,9 +158,16 @@ class Embedded:
     """One modality after its encoder-side step, before fusion."""
     feats: torch.Tensor  # (B, S, D)
     mask: torch.Tensor   # (B, S) 1 for real positions
+    unpadded: bool = False  # known without looking (image patches): every position is real, mask is all ones
 
     def select(self, index):
-        return Embedded(self.feats[index], self.mask[index])
+        return Embedded(self.feats[index], self.mask[index], self.unpadded)
+
+    def key_mask(self):
+        """The (B, S) mask attention over these positions needs: None where nothing is padded, so that
+        scaled_dot_product_attention may take its fastest kernels (FlashAttention accepts no mask at all).
+        Read from the flag, never from the values: checking the mask on the GPU would wait for the device."""
+        return None if self.unpadded else self.mask
 
 
 def additive_mask(mask, dtype):
@@ -284,7 +291,8 @@ class CrossModalBlock(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x, x_mask, other, other_mask, cls_only=False):
-        # x (B, T, D) attends to itself and to other (B, S, D) -> (B, T, D), or (B, 1, D) with cls_only
+        # x (B, T, D) attends to itself and to other (B, S, D) -> (B, T, D), or (B, 1, D) with cls_only;
+        # x_mask (B, T) and other_mask (B, S) are key-padding masks, None where nothing is padded
         h = self.norm_self(x)
         if cls_only:  # only the CLS row is read downstream: it still attends to every row, but only it is updated
             x, q = x[:, :1], h[:, :1]
@@ -346,7 +354,7 @@ class TwoTowerEncoder(nn.Module):
     def project_image(self, features, image_type=1):  # (B, P, D_vision) -> Embedded (B, P, D)
         """The vision tower's output (computed now, or read from a feature cache) into the cross-modal width."""
         v = self.image_proj(features.to(self.image_proj.weight.dtype)) + self.modality_type.weight[image_type]
-        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device))
+        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device), unpadded=True)
 
     def encode_image(self, pixel_values, image_type=1):  # (B, 3, H, W) -> Embedded (B, P, D)
         return self.project_image(self.vision_features(pixel_values), image_type)
@@ -367,12 +375,13 @@ class TwoTowerEncoder(nn.Module):
             return EncoderOutput(feats if image is None else None, feats if text is None else None, pooled,
                                  text.mask if text is not None else None, image.mask if image is not None else None)
         t, v = text.feats, image.feats
+        t_mask, v_mask = text.key_mask(), image.key_mask()  # the text's padding; images usually need none
         for i, layer in enumerate(self.cross_layers):
             last = cls_only if i == len(self.cross_layers) - 1 else ()
             if self.gradient_checkpointing and self.training and requires_grad(layer):
-                t, v = checkpoint(layer, t, text.mask, v, image.mask, cls_only=last, use_reentrant=False)
+                t, v = checkpoint(layer, t, t_mask, v, v_mask, cls_only=last, use_reentrant=False)
             else:
-                t, v = layer(t, text.mask, v, image.mask, cls_only=last)
+                t, v = layer(t, t_mask, v, v_mask, cls_only=last)
         t, v = self.text_norm(t), self.image_norm(v)
         pooled = torch.cat([self.text_pooler(t[:, 0]), self.image_pooler(v[:, 0])], dim=-1)  # (B, 2D)
         return EncoderOutput(t, v, pooled, text.mask[:, :t.shape[1]], image.mask[:, :v.shape[1]])
@@ -485,7 +494,7 @@ class OneTowerEncoder(nn.Module):
         else:
             v = self.image_embeddings(pixel_values)
         v = v + self.modality_type.weight[image_type]
-        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device))
+        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device), unpadded=True)
 
     def fuse(self, text, image, cls_only=()):
         """The joint stack over both parts. cls_only is TwoTowerEncoder.fuse's saving hint; it changes nothing

@@ -6,9 +6,10 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, ResNetConfig, ViTConfig, ViTModel
 
-from model import (EncoderOutput, MLMHead, OneTowerEncoder, PretrainModel, TaskModel, TowerLoadError,
+from model import (Embedded, EncoderOutput, MLMHead, OneTowerEncoder, PretrainModel, TaskModel, TowerLoadError,
                    TwoTowerEncoder, apply_freezing, build_encoder, build_pretrain_model, enable_gradient_checkpointing,
                    load_checked, load_tower, parameter_summary)
 from tiny import tiny_config
@@ -184,6 +185,36 @@ def test_mlm_head_projects_only_labelled_positions():
     labels[1, 3] = 8  # the shared pass reads matched pairs only (row 1 is a mismatch)
     assert PretrainModel.mlm_positions(labels, itm_labels, "shared").tolist() == [1, 2 * T + 5]
     assert PretrainModel.mlm_positions(labels, itm_labels, "separate").tolist() == [1, T + 3, 2 * T + 5]
+
+
+def test_image_keys_take_no_attention_mask(monkeypatch):
+    """Cross-modal attention over image patches passes no mask (so SDPA may take FlashAttention), attention over
+    text keeps its padding mask, and the result equals attention with the image's all-ones mask."""
+    encoder = build_encoder(tiny_config(), VOCAB).eval()
+    batch = make_batch()
+    batch["attention_mask"][0, -3:] = 0  # padding that must stay masked
+    text = encoder.encode_text(batch["input_ids"], batch["attention_mask"])
+    image = encoder.encode_image(batch["pixel_values"])
+    P = image.feats.shape[1]
+    assert P != T
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        calls.append((k.shape[2], attn_mask))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    fast = encoder.fuse(text, image)
+    layers = len(encoder.cross_layers)
+    assert [mask is None for keys, mask in calls if keys == P] == [True] * 2 * layers  # text->image, image->image
+    text_key_masks = [mask for keys, mask in calls if keys == T]
+    assert len(text_key_masks) == 2 * layers and all(torch.equal(m[:, 0, 0], batch["attention_mask"].bool())
+                                                     for m in text_key_masks)
+    calls.clear()
+    masked = encoder.fuse(text, Embedded(image.feats, image.mask))  # the same image, mask not known to be all ones
+    assert all(mask is not None for _, mask in calls)
+    for name in ("text_feats", "image_feats", "pooled"):
+        torch.testing.assert_close(getattr(fast, name), getattr(masked, name), rtol=1e-5, atol=1e-6)
 
 
 def _train_steps(model, steps=3):
