@@ -872,13 +872,15 @@ def build_transform(cfg, train=True):
 
 class PretrainCollator:
     """Caption items -> the pretraining batch: clean captions padded to the batch's longest (at most
-    max_text_len tokens). Masking and ITM pairing happen later, in the main process."""
+    max_text_len tokens), or all to max_text_len with fixed_length (for torch.compile, which would otherwise
+    meet a new shape with every new longest caption). Masking and ITM pairing happen later, in the main process."""
 
-    def __init__(self, tokenizer, max_text_len):
+    def __init__(self, tokenizer, max_text_len, fixed_length=False):
         self.tokenizer, self.max_text_len = tokenizer, max_text_len
+        self.padding = "max_length" if fixed_length else "longest"
 
     def __call__(self, items):
-        encoded = self.tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
+        encoded = self.tokenizer([item["caption"] for item in items], padding=self.padding, truncation=True,
                                  max_length=self.max_text_len, return_special_tokens_mask=True,
                                  return_tensors="pt")
         word_ids = [[-1 if w is None else w for w in encoded.word_ids(b)] for b in range(len(items))]

@@ -42,7 +42,7 @@ class Config:
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda" or "cuda:N"
     dtype: str = "float32"  # "float32", "bfloat16" or "float16" (autocast; float16 adds a gradient scaler)
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
-    compile: bool = False  # torch.compile the model (after the DDP wrap; captions padded to max_text_len)
+    compile: bool = False  # torch.compile the model in place, then wrap it in DDP (torch's advice); pretraining pads captions to max_text_len
     matmul_precision: str = "high"  # CUDA float32 matmuls: "high" (TF32 tensor cores), "medium" (bf16) or "highest" (exact fp32); no effect on CPU
     # model
     model_type: str = "two_tower"  # "two_tower" (two towers + cross-modal layers) or "one_tower" (one joint stack)
@@ -724,7 +724,11 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
         os.makedirs(cfg.out_dir, exist_ok=True)
     raw_model = model
     if cfg.compile:
-        model = torch.compile(model)
+        # In place, then the DDP wrap, as torch's docs advise ("Where to apply torch.compile?"): the compiled
+        # forward runs inside DDP's forward, where dynamo's DDPOptimizer splits the graph at DDP's gradient-bucket
+        # boundaries, so each bucket's all-reduce still overlaps the rest of backward. Compiling the DDP wrapper
+        # itself is what those docs advise against. In place, the state dict keeps its keys.
+        model.compile()
     eval_model = model  # not the DDP wrapper: its forward would sync buffers, so every rank would need the same batches
     if dist.is_ddp:
         model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)

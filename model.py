@@ -196,7 +196,8 @@ class Pooler(nn.Module):
 # 31-bit int32 draw) and keeps an element where its integer is at least round(p * 2**15): the rate is p to within
 # 2**-16, the kept elements are scaled so the expectation is exact, the mask comes from torch's generator (so
 # seeds, checkpoint recomputation and resume behave as before) and is saved as one byte an element. On GPUs,
-# F.dropout and the fused attention kernels are fast already and are used as they are.
+# F.dropout and the fused attention kernels are fast already and are used as they are; so is F.dropout under
+# torch.compile, which generates its own masks (an in-place random_ would break the graph).
 DROPOUT_BITS = 15
 
 
@@ -219,7 +220,7 @@ def dropout(x, p, training=True):
     """F.dropout(x, p, training), with the mask drawn as the comment above says when x is on the CPU."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.dropout(x, p, training=True)
     threshold = round(p * 2 ** DROPOUT_BITS)
     n = x.numel()
@@ -262,7 +263,7 @@ class Attention(nn.Module):
         k, v = self.kv(context).view(B, S, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, S, d)
         attn_mask = None if context_mask is None else context_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         dropout_p = self.dropout if self.training else 0.0
-        if dropout_p > 0 and q.device.type == "cpu":
+        if dropout_p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
             # No fused CPU kernel takes dropout. Written out, attention would keep the (B, h, T, S) weights and
             # their mask for backward; they are recomputed there instead (same RNG state, so the same mask), as
             # the fused GPU kernels do: a few percent more FLOPs for about a fifth less activation memory.

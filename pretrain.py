@@ -75,13 +75,13 @@ def build_data(cfg, dist, tokenizer, model):
     """(train set, held-out set or None, their loaders): what main trains on, and bench.py measures."""
     train_set, val_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg, train=True),
                                                       data.build_transform(cfg, train=False))
-    collate = data.PretrainCollator(tokenizer, cfg.max_text_len)
+    collate = data.PretrainCollator(tokenizer, cfg.max_text_len, fixed_length=cfg.compile)
     if cfg.vision_feature_cache:  # the frozen tower's output instead of pictures (data.py, section 12)
         autocast = engine.autocast_context(dist.device, cfg.dtype)
         train_set, val_set = (data.with_cached_vision_features(dataset, cfg, model.encoder, dist.device, autocast,
                                                                dist.local_rank) if dataset else None
                               for dataset in (train_set, val_set))
-        collate = data.CachedFeatureCollator(tokenizer, cfg.max_text_len)
+        collate = data.CachedFeatureCollator(tokenizer, cfg.max_text_len, fixed_length=cfg.compile)
     loader = data.build_loader(train_set, cfg, dist.rank, dist.world_size, cfg.seed, collate)
     val_loader = data.build_loader(val_set, cfg, dist.rank, dist.world_size, cfg.seed, collate) if val_set else None
     return train_set, val_set, loader, val_loader

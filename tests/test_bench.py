@@ -319,3 +319,15 @@ def test_compiled_model_with_a_frozen_tower_matches_eager():
     assert not any(n.startswith("encoder.vision_tower") for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("pretrain_pass, overrides", [("separate", dict(cross_dropout=0.1)), ("shared", {})])
+def test_pretraining_forward_is_one_graph(pretrain_pass, overrides):
+    """torch.compile captures the whole pretraining forward, dropout included: the MLM head gathers positions
+    of known number (no boolean index), no Python branch reads a tensor, and the CPU dropout masks give way to
+    the compiler's own."""
+    model = pretrain_model(pretrain_pass, **overrides)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(make_batch(pretrain_pass=pretrain_pass))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+

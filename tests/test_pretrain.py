@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import engine
 import pretrain
 from model import PretrainModel, apply_freezing, build_encoder, build_pretrain_model
@@ -112,6 +113,18 @@ def test_one_process_equals_two(tmp_path, data_root):
     for r1, r2 in zip(a, b):
         for name in ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc"):
             assert r2[name] == pytest.approx(r1[name], rel=1e-4, abs=1e-6), (r1["step"], name)
+
+
+def test_compiling_pads_captions_to_max_text_len():
+    """With compile=True every batch has the same text length, so a compiled model sees one shape."""
+    items = [{"caption": caption, "image": torch.zeros(3, 4, 4), "image_id": i}
+             for i, caption in enumerate(["a red circle", "a small blue square left of a green triangle"])]
+    tokenizer = data.synthetic_tokenizer()
+    plain = data.PretrainCollator(tokenizer, max_text_len=16)(items)
+    fixed = data.PretrainCollator(tokenizer, max_text_len=16, fixed_length=True)(items)
+    assert plain["input_ids"].shape[1] < 16 and fixed["input_ids"].shape == (2, 16)
+    assert torch.equal(fixed["input_ids"][:, :plain["input_ids"].shape[1]], plain["input_ids"])
+    assert fixed["special_tokens_mask"][:, plain["input_ids"].shape[1]:].all()
 
 
 def test_loss_weights_are_applied():
