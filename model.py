@@ -338,6 +338,11 @@ class TwoTowerEncoder(nn.Module):
                                self.text_norm, self.image_norm, self.text_pooler, self.image_pooler])
         return {"text_tower": self.text_tower, "vision_tower": self.vision_tower, "cross_modal": cross}
 
+    def beyond_text_features(self):
+        """Names of the modules the fused text features do not depend on (only the image features and the pooled
+        output do): the last layer's image stream, the image norm, the poolers."""
+        return [f"cross_layers.{len(self.cross_layers) - 1}.image", "image_norm", "text_pooler", "image_pooler"]
+
     def encode_text(self, input_ids, attention_mask):  # (B, T) -> Embedded (B, T, D)
         # The tower adds its own embeddings once and receives the padding mask.
         with torch.set_grad_enabled(torch.is_grad_enabled() and requires_grad(self.text_tower)):
@@ -482,6 +487,10 @@ class OneTowerEncoder(nn.Module):
                                if m is not None])
         return {"embeddings": embeddings, "stack": stack}
 
+    def beyond_text_features(self):
+        """Names of the modules the text features do not depend on: the poolers."""
+        return ["text_pooler"] + (["image_pooler"] if self.image_pooler is not None else [])
+
     def encode_text(self, input_ids, attention_mask):  # (B, T) -> Embedded (B, T, D)
         t = self.text_embeddings(input_ids)
         if self.text_embeddings_project is not None:
@@ -605,6 +614,10 @@ class FreezableModel(nn.Module):
         """The task heads on top of the encoder, in order (each subclass names its own)."""
         raise NotImplementedError
 
+    def unused_modules(self):
+        """Dotted names of modules no loss of this model reads, which apply_freezing freezes."""
+        return []
+
 
 def _below_top(embeddings, layers, k):
     """Names frozen when only the top k layers (and what sits above them) train; k < 0 freezes nothing."""
@@ -615,11 +628,12 @@ def apply_freezing(model, cfg):
     """Set requires_grad on every parameter explicitly (so it is idempotent) and record the frozen modules.
 
     Keys: freeze_text, freeze_vision, freeze_cross (two-tower), text_trainable_top / vision_trainable_top
-    (train only the top k layers of a tower, or of a one-tower stack), freeze_modules (any dotted names).
+    (train only the top k layers of a tower, or of a one-tower stack), freeze_modules (any dotted names). The
+    modules no loss reads (model.unused_modules()) are frozen whatever the keys say.
     """
     model.requires_grad_(True)
     enc = model.encoder
-    frozen = []
+    frozen = model.unused_modules()
     if isinstance(enc, TwoTowerEncoder):
         for modality in ("text", "vision"):
             name = f"encoder.{modality}_tower"
@@ -717,6 +731,17 @@ class PretrainModel(FreezableModel):
 
     def heads(self):
         return [h for h in (self.mlm_head, self.itm_head) if h is not None]
+
+    def unused_modules(self):
+        """With itm_weight=0 the MLM loss reads only the fused text features: the encoder's modules beyond them
+        never get a gradient. (With mlm_weight=0 the MLM head is not built, and ITM reads every other part.)
+        Frozen, they stay out of the optimizer and out of DDP's gradient reduction, which would otherwise wait for
+        their gradients and fail at the second step; find_unused_parameters=True would instead search the graph
+        on every step. Nothing changes for a single process, where they got no gradient either. They keep their
+        initial weights and are saved as any others, so fine-tuning loads such a checkpoint as usual."""
+        if self.itm_head is not None:
+            return []
+        return [f"encoder.{name}" for name in self.encoder.beyond_text_features()]
 
     def encode_image(self, batch):
         """The batch's images, from the vision tower's cached output when the batch carries it ("image_feats",

@@ -2,6 +2,7 @@
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -326,27 +327,57 @@ def test_fine_tuning_load_checks_exactly_the_new_head_is_missing():
                      allowed_unexpected=("mlm_head.", "itm_head."))
 
 
+@pytest.mark.parametrize("model_type", ["two_tower", "one_tower"])
+@pytest.mark.parametrize("weights", [dict(itm_weight=0.0), dict(mlm_weight=0.0), {}])
+def test_with_a_loss_off_every_trainable_parameter_gets_a_gradient(model_type, weights):
+    """What a zero-weight loss alone would have read is frozen, so every trainable parameter gets a gradient:
+    DDP then needs no unused-parameter search (see test_ddp_... below)."""
+    cfg = tiny_config(model_type=model_type, **weights)
+    model = build_pretrain_model(cfg, VOCAB)
+    apply_freezing(model, cfg)
+    model(make_batch())["loss"].backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.grad is not None}
+    unused = model.unused_modules()
+    assert bool(unused) == (weights == dict(itm_weight=0.0)) and set(unused) <= set(model.frozen_modules)
+    if unused:  # the text features MLM reads still train, up to the last layer's text stream
+        last = "encoder.cross_layers.1.text" if model_type == "two_tower" else "encoder.layers.1"
+        assert any(n.startswith(last) for n in trainable) and not any(n.startswith("encoder.text_pooler")
+                                                                      for n in trainable)
+
+
+DDP_CONFIGS = [dict(freeze_vision=True, text_trainable_top=1), dict(itm_weight=0.0), dict(mlm_weight=0.0)]
+
+
 def _ddp_worker(rank, world_size, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    cfg = tiny_config(freeze_vision=True, text_trainable_top=1)
-    torch.manual_seed(0)
-    model = build_pretrain_model(cfg, VOCAB)
-    apply_freezing(model, cfg)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(3):  # an unused parameter would make the second step's forward raise
-        ddp(make_batch(step * world_size + rank))["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    results[rank] = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    for i, overrides in enumerate(DDP_CONFIGS):
+        cfg = tiny_config(**overrides)
+        torch.manual_seed(0)
+        model = build_pretrain_model(cfg, VOCAB)
+        apply_freezing(model, cfg)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(3):  # an unused parameter would make the second step's forward raise
+            ddp(make_batch(step * world_size + rank))["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results[rank, i] = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_with_frozen_tower_needs_no_unused_parameter_search():
+def test_ddp_with_frozen_tower_or_one_loss_off_needs_no_unused_parameter_search():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)  # replicas stay in sync
+    context = mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("DDP workers did not finish within 300 s")
+    for i in range(len(DDP_CONFIGS)):
+        torch.testing.assert_close(results[0, i], results[1, i], rtol=0, atol=0)  # replicas stay in sync
