@@ -175,6 +175,25 @@ def additive_mask(mask, dtype):
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+class PixelNormalize(nn.Module):
+    """uint8 pixels (B, 3, H, W), as the data loaders deliver them, -> float (x / 255 - mean) / std.
+
+    The loader's workers stop at uint8 (a quarter of float32's bytes to pin and copy, and no float work on the
+    CPU); the model normalises on its own device. Float pixels are taken as normalised already (random test
+    inputs, bench.py's random batches). mean and std are buffers left out of the state dict: they are config
+    (image_mean, image_std), and checkpoints keep their keys."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixel_values):  # (B, 3, H, W) uint8 or float -> (B, 3, H, W) float
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        return (pixel_values.float() / 255 - self.mean) / self.std
+
+
 class Pooler(nn.Module):
     """CLS vector -> Linear -> tanh, as BERT's pooler."""
 
@@ -320,9 +339,10 @@ class CrossModalLayer(nn.Module):
 class TwoTowerEncoder(nn.Module):
     """Text tower + vision tower, projected to the cross-modal width, joined by co-attention layers."""
 
-    def __init__(self, text_tower, vision_tower, dim, layers, heads, mlp_ratio, dropout):
+    def __init__(self, text_tower, vision_tower, dim, layers, heads, mlp_ratio, dropout, image_mean, image_std):
         super().__init__()
         self.text_tower, self.vision_tower = text_tower, vision_tower
+        self.pixel_norm = PixelNormalize(image_mean, image_std)
         self.text_proj = nn.Linear(text_tower.config.hidden_size, dim)
         self.image_proj = nn.Linear(vision_tower.config.hidden_size, dim)
         self.modality_type = nn.Embedding(3, dim)  # 0 text, 1 image, 2 second image (NLVR2)
@@ -355,7 +375,7 @@ class TwoTowerEncoder(nn.Module):
         size_differs = pixel_values.shape[-1] != tower.config.image_size
         with torch.set_grad_enabled(torch.is_grad_enabled() and requires_grad(tower)):
             kwargs = {"interpolate_pos_encoding": True} if size_differs else {}
-            return tower(pixel_values=pixel_values, **kwargs).last_hidden_state
+            return tower(pixel_values=self.pixel_norm(pixel_values), **kwargs).last_hidden_state
 
     def project_image(self, features, image_type=1):  # (B, P, D_vision) -> Embedded (B, P, D)
         """The vision tower's output (computed now, or read from a feature cache) into the cross-modal width."""
@@ -452,8 +472,10 @@ class OneTowerEncoder(nn.Module):
     """Word pieces and image patches (each with positions and a modality-type embedding) concatenated into
     one sequence with a joint attention mask, through the transformer layers of a text or vision model."""
 
-    def __init__(self, stack, stack_modality, vocab_size, image_size, patch_size, max_text_len, pooling):
+    def __init__(self, stack, stack_modality, vocab_size, image_size, patch_size, max_text_len, pooling, image_mean,
+                 image_std):
         super().__init__()
+        self.pixel_norm = PixelNormalize(image_mean, image_std)
         config = stack.config
         dim = config.hidden_size
         dropout = getattr(config, "hidden_dropout_prob", 0.0)
@@ -498,6 +520,7 @@ class OneTowerEncoder(nn.Module):
         return Embedded(t + self.modality_type.weight[0], attention_mask)
 
     def encode_image(self, pixel_values, image_type=1):  # (B, 3, H, W) -> Embedded (B, 1 + P, D)
+        pixel_values = self.pixel_norm(pixel_values)
         if self.stack_modality == "vision":
             size_differs = pixel_values.shape[-1] != self.stack_config.image_size
             v = self.image_embeddings(pixel_values, **({"interpolate_pos_encoding": True} if size_differs else {}))
@@ -547,14 +570,14 @@ def build_encoder(cfg, vocab_size):
             raise TowerLoadError(f"tokenizer has {vocab_size} tokens but text_tower '{cfg.text_tower}' only "
                                  f"{text.config.vocab_size} embeddings")
         return TwoTowerEncoder(text, vision, cfg.cross_hidden, cfg.cross_layers, cfg.cross_heads,
-                               cfg.cross_mlp_ratio, cfg.cross_dropout)
+                               cfg.cross_mlp_ratio, cfg.cross_dropout, cfg.image_mean, cfg.image_std)
     if cfg.model_type == "one_tower":
         if cfg.onetower_stack not in ("text", "vision"):
             raise TowerLoadError(f"onetower_stack must be 'text' or 'vision', not '{cfg.onetower_stack}'")
         stack = load_tower(cfg, cfg.onetower_stack, vocab_size)
         patch = cfg.patch_size if cfg.patch_size > 0 else getattr(stack.config, "patch_size", 16)
         return OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
-                               cfg.max_text_len, cfg.pooling)
+                               cfg.max_text_len, cfg.pooling, cfg.image_mean, cfg.image_std)
     raise TowerLoadError(f"model_type must be 'two_tower' or 'one_tower', not '{cfg.model_type}'")
 
 

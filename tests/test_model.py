@@ -218,6 +218,21 @@ def test_image_keys_take_no_attention_mask(monkeypatch):
         torch.testing.assert_close(getattr(fast, name), getattr(masked, name), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_type", ["two_tower", "one_tower"])
+def test_uint8_pixels_are_normalised_on_the_model_side(model_type):
+    """Loaders send uint8 pixels; the encoder normalises them with image_mean / image_std, exactly as a float
+    input normalised beforehand, and float input passes as it is."""
+    cfg = tiny_config(model_type=model_type, image_mean=(0.5, 0.4, 0.3), image_std=(0.25, 0.2, 0.5))
+    encoder = build_encoder(cfg, VOCAB).eval()
+    pixels = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.tensor(cfg.image_mean).view(1, 3, 1, 1), torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    normalised = (pixels.float() / 255 - mean) / std
+    torch.testing.assert_close(encoder.pixel_norm(pixels), normalised)
+    assert encoder.pixel_norm(normalised) is normalised
+    torch.testing.assert_close(encoder.encode_image(pixels).feats, encoder.encode_image(normalised).feats)
+    assert not any("pixel_norm" in key for key in encoder.state_dict())  # checkpoints keep their keys
+
+
 def _train_steps(model, steps=3):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
