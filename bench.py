@@ -16,6 +16,9 @@ Config overrides (--key=value) work as for pretrain.py. Bench options:
   --random_init_towers  build the hub towers the config names (the paper's models, PAPER_TOWERS) at their exact
                         dimensions from random init: nothing is downloaded. A switch, never a fallback: without
                         it an unreachable hub is an error, and so is a hub name the table does not know.
+  --decode_images=N     first time reading N training pictures (open, decode, transform: one loader worker's work)
+                        in this process on one thread, and print images/s per worker; with num_workers workers
+                        per process the loader can feed at most that many times as much
   --peak_tflops=X       the device's peak for MFU (default: the table of dense GPU peaks; on CPU a GEMM in the
                         run's dtype measured at start)
   --json=PATH           where the JSON goes (default: out_dir/bench.json)
@@ -300,6 +303,21 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def decode_rate(dataset, count):
+    """Items per second of `dataset[i]` for the first `count` items on one thread: what one loader worker
+    produces (the map-style corpora open, decode and transform a picture per item)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker process runs one thread
+    try:
+        dataset[0]  # file-system caches and lazy set-up out of the timing
+        start = time.perf_counter()
+        for i in range(count):
+            dataset[i % len(dataset)]
+        return count / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -----------------------------------------------------------------------------
 # One variant
 
@@ -405,6 +423,7 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--data", choices=("loader", "random"), default="loader")
     parser.add_argument("--random_init_towers", action="store_true")
+    parser.add_argument("--decode_images", type=int, default=0)
     parser.add_argument("--peak_tflops", type=float, default=0.0)
     parser.add_argument("--json", default="")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # measure one variant, write its row
@@ -469,6 +488,14 @@ def main(argv):
         if fp32 > peak_flops:
             print(f"note: this CPU multiplies {cfg.dtype} matrices {fp32 / peak_flops:.0f}x slower than float32 "
                   f"({fp32 / 1e9:.1f} GFLOP/s): it has no native {cfg.dtype} matmul, so autocast slows training down")
+    decode = None
+    if args.decode_images > 0:
+        train_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg, train=True))[0]
+        if isinstance(train_set, torch.utils.data.IterableDataset):
+            raise ValueError("--decode_images needs map-style corpora (coco, coco_official, vg, synthetic)")
+        decode = decode_rate(train_set, args.decode_images)
+        print(f"data: {decode:.1f} images/s per loader worker (open, decode, transform to uint8; one thread); "
+              f"{cfg.num_workers} workers per process: at most {decode * max(cfg.num_workers, 1):.0f} images/s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, variant in enumerate(variants):
@@ -481,7 +508,8 @@ def main(argv):
               "micro_batch_size": cfg.micro_batch_size, "image_size": cfg.image_size,
               "max_text_len": cfg.max_text_len, "data": args.data, "random_init_towers": args.random_init_towers,
               "warmup": args.warmup, "steps": args.steps, "peak_flops": peak_flops, "peak_source": peak_source,
-              "load_average": [load_start[0], load_end[0]], "config": dataclasses.asdict(cfg), "variants": rows}
+              "load_average": [load_start[0], load_end[0]], "decode_images_per_sec_per_worker": decode,
+              "config": dataclasses.asdict(cfg), "variants": rows}
     path = args.json or os.path.join(cfg.out_dir, "bench.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:  # written whole, then renamed: never half a report

@@ -15,7 +15,7 @@ Sections, top to bottom:
  11. Sampling, loading  MicroBatchSampler, ResumableLoader, build_loader
  12. Feature cache      the frozen vision tower's output, computed once: with_cached_vision_features
 
-A caption item is {"image": FloatTensor (3, H, W), "caption": str, "image_id": int}; image ids are
+A caption item is {"image": uint8 tensor (3, H, W), "caption": str, "image_id": int}; image ids are
 unique per picture across all corpora of a run (see IMAGE_ID_OFFSETS).
 """
 

@@ -302,6 +302,16 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys):
     assert "GFLOP/sample" in printed and "vision+shared+ckpt+cache" in printed
 
 
+def test_decode_rate_times_one_workers_items(tmp_path):
+    cfg = cache_config(tmp_path)
+    train_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg))[0]
+    opened = []
+    timed = type("Timed", (), {"__len__": lambda self: len(train_set),
+                               "__getitem__": lambda self, i: opened.append(i) or train_set[i]})()
+    assert bench.decode_rate(timed, 5) > 0 and opened == [0, 0, 1, 2, 3, 4]  # one untimed warm-up item
+    assert train_set[0]["image"].dtype == torch.uint8
+
+
 def test_compiled_model_with_a_frozen_tower_matches_eager():
     """torch.compile traces the pretraining model with a frozen tower (the aot_eager backend: the same graph
     capture and autograd as inductor, without generating C++), giving eager's losses and gradients and no
