@@ -265,6 +265,8 @@ def test_random_feature_cache_input_is_built_where_the_vision_tower_is():
 def test_gpu_peak_table_takes_the_most_specific_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16")[0] == peak * 1e12
+    monkeypatch.setattr(bench, "GPU_PEAK_TFLOPS", bench.GPU_PEAK_TFLOPS[::-1])  # whatever the table's order
+    assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16")[0] == peak * 1e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16") is None
 

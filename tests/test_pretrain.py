@@ -127,6 +127,26 @@ def test_compiling_pads_captions_to_max_text_len():
     assert fixed["special_tokens_mask"][:, plain["input_ids"].shape[1]:].all()
 
 
+@pytest.mark.parametrize("pretrain_pass", ["separate", "shared"])
+def test_prepared_batches_carry_the_positions_their_pass_reads(pretrain_pass):
+    """The MLM positions come with the batch, from the host: every labelled one, or those of matched pairs in the
+    shared pass."""
+    cfg = tiny_config(pretrain_pass=pretrain_pass, mlm_prob=0.5, itm_neg_prob=0.5)
+    B, T = 8, 10
+    special = torch.zeros(B, T, dtype=torch.bool)
+    special[:, [0, -1]] = True
+    raw = dict(input_ids=torch.randint(5, 60, (B, T)), attention_mask=torch.ones(B, T, dtype=torch.long),
+               special_tokens_mask=special, word_ids=(torch.arange(T) - 1).expand(B, T).masked_fill(special, -1),
+               image_ids=torch.arange(B), pixel_values=torch.zeros(B, 3, 4, 4, dtype=torch.uint8))
+    info = data.TokenizerInfo(mask_token_id=4, vocab_size=60, special_ids=(0, 1, 2, 3, 4))
+    batch = pretrain.make_prepare_batch(cfg, info, torch.device("cpu"))(raw, 0, 0)
+    labelled = batch["mlm_labels"] != -100
+    matched = batch["itm_labels"][:, None] == 1
+    assert (labelled & ~matched).any() and (labelled & matched).any()  # both kinds of rows are there
+    read = labelled & matched if pretrain_pass == "shared" else labelled
+    assert batch["mlm_positions"].tolist() == read.flatten().nonzero().squeeze(1).tolist()
+
+
 def test_loss_weights_are_applied():
     torch.manual_seed(0)
     cfg = tiny_config()
