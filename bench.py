@@ -16,6 +16,9 @@ Config overrides (--key=value) work as for pretrain.py. Bench options:
   --random_init_towers  build the hub towers the config names (the paper's models, PAPER_TOWERS) at their exact
                         dimensions from random init: nothing is downloaded. A switch, never a fallback: without
                         it an unreachable hub is an error, and so is a hub name the table does not know.
+  --decode_images=N     first time reading N training pictures (open, decode, transform: one loader worker's work)
+                        in this process on one thread, and print images/s per worker; with num_workers workers
+                        per process the loader can feed at most that many times as much
   --peak_tflops=X       the device's peak for MFU (default: the table of dense GPU peaks; on CPU a GEMM in the
                         run's dtype measured at start)
   --json=PATH           where the JSON goes (default: out_dir/bench.json)
@@ -146,8 +149,9 @@ def random_batches(cfg, tokenizer_info, count=4):
 def with_random_vision_features(batches, encoder, cfg):
     """Random batches as the feature cache hands them out: the vision tower's output shape, float16, instead of
     pixels (the compute side of the cache; --data=loader measures the data side too)."""
+    device = next(encoder.vision_tower.parameters()).device  # the probe goes where the tower is
     with torch.no_grad():
-        shape = encoder.vision_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1:]  # (P, D)
+        shape = encoder.vision_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).shape[1:]
     g = torch.Generator().manual_seed(cfg.seed)
     for batch in batches:
         feats = torch.randn(len(batch["image_ids"]), *shape, generator=g).half()
@@ -211,10 +215,12 @@ def saved_activation_bytes(model, batch, autocast):
 
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' datasheets: (bf16/fp16 tensor cores, tf32 tensor cores,
-# fp32 without tensor cores). The first name fragment found in the device name wins.
+# fp32 without tensor cores). The longest name fragment found in the device name wins, so "H200 NVL" is not
+# taken for "H200", nor "A100" for "A10".
 GPU_PEAK_TFLOPS = [
     ("H100 NVL", (835.0, 417.5, 60.0)), ("H100 PCIe", (756.5, 378.0, 51.2)), ("H100", (989.4, 494.7, 66.9)),
-    ("H200", (989.4, 494.7, 66.9)), ("A100", (312.0, 156.0, 19.5)), ("L40S", (362.1, 183.2, 91.6)),
+    ("H200 NVL", (835.5, 417.5, 60.0)), ("H200", (989.4, 494.7, 66.9)), ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.1, 183.2, 91.6)),
     ("L40", (181.0, 90.5, 90.5)), ("L4", (121.0, 60.0, 30.3)), ("A10", (125.0, 62.5, 31.2)),
     ("RTX 4090", (165.2, 82.6, 82.6)), ("RTX 3090", (71.0, 35.6, 35.6)),
 ]
@@ -223,14 +229,15 @@ GPU_PEAK_TFLOPS = [
 def gpu_peak_from_table(device, dtype):
     """(peak FLOP/s, source) from GPU_PEAK_TFLOPS, or None for a GPU the table does not know."""
     name = torch.cuda.get_device_name(device)
-    for fragment, (half, tf32, fp32) in GPU_PEAK_TFLOPS:
-        if fragment in name:
-            if dtype != "float32":
-                return half * 1e12, f"datasheet {dtype} dense peak of {name}"
-            if torch.get_float32_matmul_precision() != "highest":
-                return tf32 * 1e12, f"datasheet tf32 dense peak of {name}"
-            return fp32 * 1e12, f"datasheet fp32 peak of {name}"
-    return None
+    found = [(fragment, peaks) for fragment, peaks in GPU_PEAK_TFLOPS if fragment in name]
+    if not found:
+        return None
+    half, tf32, fp32 = max(found, key=lambda entry: len(entry[0]))[1]
+    if dtype != "float32":
+        return half * 1e12, f"datasheet {dtype} dense peak of {name}"
+    if torch.get_float32_matmul_precision() != "highest":
+        return tf32 * 1e12, f"datasheet tf32 dense peak of {name}"
+    return fp32 * 1e12, f"datasheet fp32 peak of {name}"
 
 
 def measure_gemm_peak(device, dtype):
@@ -294,6 +301,21 @@ def peak_memory(device):
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def decode_rate(dataset, count):
+    """Items per second of `dataset[i]` for the first `count` items on one thread: what one loader worker
+    produces (the map-style corpora open, decode and transform a picture per item)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker process runs one thread
+    try:
+        dataset[0]  # file-system caches and lazy set-up out of the timing
+        start = time.perf_counter()
+        for i in range(count):
+            dataset[i % len(dataset)]
+        return count / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -----------------------------------------------------------------------------
@@ -401,6 +423,7 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--data", choices=("loader", "random"), default="loader")
     parser.add_argument("--random_init_towers", action="store_true")
+    parser.add_argument("--decode_images", type=int, default=0)
     parser.add_argument("--peak_tflops", type=float, default=0.0)
     parser.add_argument("--json", default="")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # measure one variant, write its row
@@ -465,6 +488,14 @@ def main(argv):
         if fp32 > peak_flops:
             print(f"note: this CPU multiplies {cfg.dtype} matrices {fp32 / peak_flops:.0f}x slower than float32 "
                   f"({fp32 / 1e9:.1f} GFLOP/s): it has no native {cfg.dtype} matmul, so autocast slows training down")
+    decode = None
+    if args.decode_images > 0:
+        train_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg, train=True))[0]
+        if isinstance(train_set, torch.utils.data.IterableDataset):
+            raise ValueError("--decode_images needs map-style corpora (coco, coco_official, vg, synthetic)")
+        decode = decode_rate(train_set, args.decode_images)
+        print(f"data: {decode:.1f} images/s per loader worker (open, decode, transform to uint8; one thread); "
+              f"{cfg.num_workers} workers per process: at most {decode * max(cfg.num_workers, 1):.0f} images/s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, variant in enumerate(variants):
@@ -477,7 +508,8 @@ def main(argv):
               "micro_batch_size": cfg.micro_batch_size, "image_size": cfg.image_size,
               "max_text_len": cfg.max_text_len, "data": args.data, "random_init_towers": args.random_init_towers,
               "warmup": args.warmup, "steps": args.steps, "peak_flops": peak_flops, "peak_source": peak_source,
-              "load_average": [load_start[0], load_end[0]], "config": dataclasses.asdict(cfg), "variants": rows}
+              "load_average": [load_start[0], load_end[0]], "decode_images_per_sec_per_worker": decode,
+              "config": dataclasses.asdict(cfg), "variants": rows}
     path = args.json or os.path.join(cfg.out_dir, "bench.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:  # written whole, then renamed: never half a report

@@ -15,7 +15,7 @@ Sections, top to bottom:
  11. Sampling, loading  MicroBatchSampler, ResumableLoader, build_loader
  12. Feature cache      the frozen vision tower's output, computed once: with_cached_vision_features
 
-A caption item is {"image": FloatTensor (3, H, W), "caption": str, "image_id": int}; image ids are
+A caption item is {"image": uint8 tensor (3, H, W), "caption": str, "image_id": int}; image ids are
 unique per picture across all corpora of a run (see IMAGE_ID_OFFSETS).
 """
 
@@ -855,16 +855,16 @@ class TokenizerInfo:
 # 8. Image transforms
 
 def build_transform(cfg, train=True):
-    """PIL image -> normalised float tensor (3, image_size, image_size). With cfg.augment (training only):
-    a mild random resized crop and no horizontal flip, because a flip would make captions with
-    'left of' / 'on the right' false."""
+    """PIL image -> uint8 tensor (3, image_size, image_size). The model normalises it with image_mean and
+    image_std on its device (model.PixelNormalize), so loader workers do no float work and send a quarter of the
+    bytes. With cfg.augment (training only): a mild random resized crop and no horizontal flip, because a flip
+    would make captions with 'left of' / 'on the right' false."""
     size = (cfg.image_size, cfg.image_size)
     if cfg.augment and train:
         resize = v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True)
     else:
         resize = v2.Resize(size, antialias=True)
-    return v2.Compose([v2.ToImage(), resize, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(list(cfg.image_mean), list(cfg.image_std)), v2.ToPureTensor()])
+    return v2.Compose([v2.ToImage(), resize, v2.ToPureTensor()])
 
 
 # -----------------------------------------------------------------------------
@@ -872,13 +872,15 @@ def build_transform(cfg, train=True):
 
 class PretrainCollator:
     """Caption items -> the pretraining batch: clean captions padded to the batch's longest (at most
-    max_text_len tokens). Masking and ITM pairing happen later, in the main process."""
+    max_text_len tokens), or all to max_text_len with fixed_length (for torch.compile, which would otherwise
+    meet a new shape with every new longest caption). Masking and ITM pairing happen later, in the main process."""
 
-    def __init__(self, tokenizer, max_text_len):
+    def __init__(self, tokenizer, max_text_len, fixed_length=False):
         self.tokenizer, self.max_text_len = tokenizer, max_text_len
+        self.padding = "max_length" if fixed_length else "longest"
 
     def __call__(self, items):
-        encoded = self.tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
+        encoded = self.tokenizer([item["caption"] for item in items], padding=self.padding, truncation=True,
                                  max_length=self.max_text_len, return_special_tokens_mask=True,
                                  return_tensors="pt")
         word_ids = [[-1 if w is None else w for w in encoded.word_ids(b)] for b in range(len(items))]
@@ -1180,7 +1182,8 @@ def with_cached_vision_features(dataset, cfg, encoder, device, autocast, local_r
         k = table.caption_image[i - starts[p]]
         pictures.append((os.path.join(table.root, table.image_paths[k]), parts[p].transform))
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr((FEATURE_CACHE_VERSION, cfg.dtype, [repr(t) for t in dict.fromkeys(t for _, t in pictures)],
+    digest.update(repr((FEATURE_CACHE_VERSION, cfg.dtype, cfg.image_mean, cfg.image_std,  # the model normalises
+                        [repr(t) for t in dict.fromkeys(t for _, t in pictures)],
                         [path for path, _ in pictures])).encode())
     digest.update(ids.tobytes())
     _weights_digest(encoder.vision_tower, digest)

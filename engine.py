@@ -43,7 +43,8 @@ class Config:
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda" or "cuda:N"
     dtype: str = "float32"  # "float32", "bfloat16" or "float16" (autocast; float16 adds a gradient scaler)
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
-    compile: bool = False  # torch.compile the model before the DDP wrap
+    compile: bool = False  # torch.compile the model in place, then wrap it in DDP (torch's advice); pretraining pads captions to max_text_len
+    matmul_precision: str = "high"  # CUDA float32 matmuls: "high" (TF32 tensor cores), "medium" (bf16) or "highest" (exact fp32); no effect on CPU
     # model
     model_type: str = "two_tower"  # "two_tower" (two towers + cross-modal layers) or "one_tower" (one joint stack)
     text_tower: str = "google/electra-small-discriminator"  # hub name, directory, or family (bert, electra, roberta): random init
@@ -140,6 +141,7 @@ class Config:
 
 KEY_TYPES = typing.get_type_hints(Config)
 CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "lr_decay": ("linear", "cosine"),
+           "matmul_precision": ("highest", "high", "medium"),
            "model_type": ("two_tower", "one_tower"), "onetower_stack": ("text", "vision"),
            "pooling": ("double", "single"), "pretrain_pass": ("separate", "shared")}
 AT_LEAST_ONE = ("batch_size", "micro_batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches",
@@ -338,6 +340,9 @@ def setup_distributed(cfg):
         if not torch.cuda.is_available():
             raise ConfigError(f"device={cfg.device!r} but no CUDA device is available")
         torch.cuda.set_device(device)
+        # Without TF32, float32 matmuls (float32 runs, and the parts autocast keeps in float32) run on CUDA cores
+        # at a fraction of the tensor cores' rate; a CPU matmul ignores the setting.
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
     is_ddp = world_size > 1
     if is_ddp:
         if rank == 0 and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" \
@@ -476,13 +481,16 @@ def _rng_state(device):
 
 
 def _set_rng_state(state, device):
+    """Restore what _rng_state saved. A run may move between machines: a checkpoint written on a CPU has no CUDA
+    state (this device's CUDA generator keeps its seed from setup_distributed), and one written on a GPU resumes
+    on a CPU without its CUDA state. Python, numpy and torch's CPU generator are always restored."""
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     keys, pos, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _named_tensors(tree, prefix):
@@ -726,7 +734,11 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
         os.makedirs(cfg.out_dir, exist_ok=True)
     raw_model = model
     if cfg.compile:
-        model = torch.compile(model)
+        # In place, then the DDP wrap, as torch's docs advise ("Where to apply torch.compile?"): the compiled
+        # forward runs inside DDP's forward, where dynamo's DDPOptimizer splits the graph at DDP's gradient-bucket
+        # boundaries, so each bucket's all-reduce still overlaps the rest of backward. Compiling the DDP wrapper
+        # itself is what those docs advise against. In place, the state dict keeps its keys.
+        model.compile()
     eval_model = model  # not the DDP wrapper: its forward would sync buffers, so every rank would need the same batches
     if dist.is_ddp:
         model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)

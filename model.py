@@ -158,14 +158,40 @@ class Embedded:
     """One modality after its encoder-side step, before fusion."""
     feats: torch.Tensor  # (B, S, D)
     mask: torch.Tensor   # (B, S) 1 for real positions
+    unpadded: bool = False  # known without looking (image patches): every position is real, mask is all ones
 
     def select(self, index):
-        return Embedded(self.feats[index], self.mask[index])
+        return Embedded(self.feats[index], self.mask[index], self.unpadded)
+
+    def key_mask(self):
+        """The (B, S) mask attention over these positions needs: None where nothing is padded, so that
+        scaled_dot_product_attention may take its fastest kernels (FlashAttention accepts no mask at all).
+        Read from the flag, never from the values: checking the mask on the GPU would wait for the device."""
+        return None if self.unpadded else self.mask
 
 
 def additive_mask(mask, dtype):
     """(B, S) 1/0 -> (B, 1, 1, S) additive mask: 0 where attended, the dtype's minimum where padded."""
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class PixelNormalize(nn.Module):
+    """uint8 pixels (B, 3, H, W), as the data loaders deliver them, -> float (x / 255 - mean) / std.
+
+    The loader's workers stop at uint8 (a quarter of float32's bytes to pin and copy, and no float work on the
+    CPU); the model normalises on its own device. Float pixels are taken as normalised already (random test
+    inputs, bench.py's random batches). mean and std are buffers left out of the state dict: they are config
+    (image_mean, image_std), and checkpoints keep their keys."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixel_values):  # (B, 3, H, W) uint8 or float -> (B, 3, H, W) float
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        return (pixel_values.float() / 255 - self.mean) / self.std
 
 
 class Pooler(nn.Module):
@@ -189,7 +215,8 @@ class Pooler(nn.Module):
 # 31-bit int32 draw) and keeps an element where its integer is at least round(p * 2**15): the rate is p to within
 # 2**-16, the kept elements are scaled so the expectation is exact, the mask comes from torch's generator (so
 # seeds, checkpoint recomputation and resume behave as before) and is saved as one byte an element. On GPUs,
-# F.dropout and the fused attention kernels are fast already and are used as they are.
+# F.dropout and the fused attention kernels are fast already and are used as they are; so is F.dropout under
+# torch.compile, which generates its own masks (an in-place random_ would break the graph).
 DROPOUT_BITS = 15
 
 
@@ -212,7 +239,7 @@ def dropout(x, p, training=True):
     """F.dropout(x, p, training), with the mask drawn as the comment above says when x is on the CPU."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.dropout(x, p, training=True)
     threshold = round(p * 2 ** DROPOUT_BITS)
     n = x.numel()
@@ -255,7 +282,7 @@ class Attention(nn.Module):
         k, v = self.kv(context).view(B, S, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, S, d)
         attn_mask = None if context_mask is None else context_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         dropout_p = self.dropout if self.training else 0.0
-        if dropout_p > 0 and q.device.type == "cpu":
+        if dropout_p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
             # No fused CPU kernel takes dropout. Written out, attention would keep the (B, h, T, S) weights and
             # their mask for backward; they are recomputed there instead (same RNG state, so the same mask), as
             # the fused GPU kernels do: a few percent more FLOPs for about a fifth less activation memory.
@@ -284,7 +311,8 @@ class CrossModalBlock(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x, x_mask, other, other_mask, cls_only=False):
-        # x (B, T, D) attends to itself and to other (B, S, D) -> (B, T, D), or (B, 1, D) with cls_only
+        # x (B, T, D) attends to itself and to other (B, S, D) -> (B, T, D), or (B, 1, D) with cls_only;
+        # x_mask (B, T) and other_mask (B, S) are key-padding masks, None where nothing is padded
         h = self.norm_self(x)
         if cls_only:  # only the CLS row is read downstream: it still attends to every row, but only it is updated
             x, q = x[:, :1], h[:, :1]
@@ -311,9 +339,10 @@ class CrossModalLayer(nn.Module):
 class TwoTowerEncoder(nn.Module):
     """Text tower + vision tower, projected to the cross-modal width, joined by co-attention layers."""
 
-    def __init__(self, text_tower, vision_tower, dim, layers, heads, mlp_ratio, dropout):
+    def __init__(self, text_tower, vision_tower, dim, layers, heads, mlp_ratio, dropout, image_mean, image_std):
         super().__init__()
         self.text_tower, self.vision_tower = text_tower, vision_tower
+        self.pixel_norm = PixelNormalize(image_mean, image_std)
         self.text_proj = nn.Linear(text_tower.config.hidden_size, dim)
         self.image_proj = nn.Linear(vision_tower.config.hidden_size, dim)
         self.modality_type = nn.Embedding(3, dim)  # 0 text, 1 image, 2 second image (NLVR2)
@@ -329,6 +358,11 @@ class TwoTowerEncoder(nn.Module):
                                self.text_norm, self.image_norm, self.text_pooler, self.image_pooler])
         return {"text_tower": self.text_tower, "vision_tower": self.vision_tower, "cross_modal": cross}
 
+    def beyond_text_features(self):
+        """Names of the modules the fused text features do not depend on (only the image features and the pooled
+        output do): the last layer's image stream, the image norm, the poolers."""
+        return [f"cross_layers.{len(self.cross_layers) - 1}.image", "image_norm", "text_pooler", "image_pooler"]
+
     def encode_text(self, input_ids, attention_mask):  # (B, T) -> Embedded (B, T, D)
         # The tower adds its own embeddings once and receives the padding mask.
         with torch.set_grad_enabled(torch.is_grad_enabled() and requires_grad(self.text_tower)):
@@ -341,12 +375,12 @@ class TwoTowerEncoder(nn.Module):
         size_differs = pixel_values.shape[-1] != tower.config.image_size
         with torch.set_grad_enabled(torch.is_grad_enabled() and requires_grad(tower)):
             kwargs = {"interpolate_pos_encoding": True} if size_differs else {}
-            return tower(pixel_values=pixel_values, **kwargs).last_hidden_state
+            return tower(pixel_values=self.pixel_norm(pixel_values), **kwargs).last_hidden_state
 
     def project_image(self, features, image_type=1):  # (B, P, D_vision) -> Embedded (B, P, D)
         """The vision tower's output (computed now, or read from a feature cache) into the cross-modal width."""
         v = self.image_proj(features.to(self.image_proj.weight.dtype)) + self.modality_type.weight[image_type]
-        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device))
+        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device), unpadded=True)
 
     def encode_image(self, pixel_values, image_type=1):  # (B, 3, H, W) -> Embedded (B, P, D)
         return self.project_image(self.vision_features(pixel_values), image_type)
@@ -367,12 +401,13 @@ class TwoTowerEncoder(nn.Module):
             return EncoderOutput(feats if image is None else None, feats if text is None else None, pooled,
                                  text.mask if text is not None else None, image.mask if image is not None else None)
         t, v = text.feats, image.feats
+        t_mask, v_mask = text.key_mask(), image.key_mask()  # the text's padding; images usually need none
         for i, layer in enumerate(self.cross_layers):
             last = cls_only if i == len(self.cross_layers) - 1 else ()
             if self.gradient_checkpointing and self.training and requires_grad(layer):
-                t, v = checkpoint(layer, t, text.mask, v, image.mask, cls_only=last, use_reentrant=False)
+                t, v = checkpoint(layer, t, t_mask, v, v_mask, cls_only=last, use_reentrant=False)
             else:
-                t, v = layer(t, text.mask, v, image.mask, cls_only=last)
+                t, v = layer(t, t_mask, v, v_mask, cls_only=last)
         t, v = self.text_norm(t), self.image_norm(v)
         pooled = torch.cat([self.text_pooler(t[:, 0]), self.image_pooler(v[:, 0])], dim=-1)  # (B, 2D)
         return EncoderOutput(t, v, pooled, text.mask[:, :t.shape[1]], image.mask[:, :v.shape[1]])
@@ -437,8 +472,10 @@ class OneTowerEncoder(nn.Module):
     """Word pieces and image patches (each with positions and a modality-type embedding) concatenated into
     one sequence with a joint attention mask, through the transformer layers of a text or vision model."""
 
-    def __init__(self, stack, stack_modality, vocab_size, image_size, patch_size, max_text_len, pooling):
+    def __init__(self, stack, stack_modality, vocab_size, image_size, patch_size, max_text_len, pooling, image_mean,
+                 image_std):
         super().__init__()
+        self.pixel_norm = PixelNormalize(image_mean, image_std)
         config = stack.config
         dim = config.hidden_size
         dropout = getattr(config, "hidden_dropout_prob", 0.0)
@@ -472,6 +509,10 @@ class OneTowerEncoder(nn.Module):
                                if m is not None])
         return {"embeddings": embeddings, "stack": stack}
 
+    def beyond_text_features(self):
+        """Names of the modules the text features do not depend on: the poolers."""
+        return ["text_pooler"] + (["image_pooler"] if self.image_pooler is not None else [])
+
     def encode_text(self, input_ids, attention_mask):  # (B, T) -> Embedded (B, T, D)
         t = self.text_embeddings(input_ids)
         if self.text_embeddings_project is not None:
@@ -479,13 +520,14 @@ class OneTowerEncoder(nn.Module):
         return Embedded(t + self.modality_type.weight[0], attention_mask)
 
     def encode_image(self, pixel_values, image_type=1):  # (B, 3, H, W) -> Embedded (B, 1 + P, D)
+        pixel_values = self.pixel_norm(pixel_values)
         if self.stack_modality == "vision":
             size_differs = pixel_values.shape[-1] != self.stack_config.image_size
             v = self.image_embeddings(pixel_values, **({"interpolate_pos_encoding": True} if size_differs else {}))
         else:
             v = self.image_embeddings(pixel_values)
         v = v + self.modality_type.weight[image_type]
-        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device))
+        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device), unpadded=True)
 
     def fuse(self, text, image, cls_only=()):
         """The joint stack over both parts. cls_only is TwoTowerEncoder.fuse's saving hint; it changes nothing
@@ -528,14 +570,14 @@ def build_encoder(cfg, vocab_size):
             raise TowerLoadError(f"tokenizer has {vocab_size} tokens but text_tower '{cfg.text_tower}' only "
                                  f"{text.config.vocab_size} embeddings")
         return TwoTowerEncoder(text, vision, cfg.cross_hidden, cfg.cross_layers, cfg.cross_heads,
-                               cfg.cross_mlp_ratio, cfg.cross_dropout)
+                               cfg.cross_mlp_ratio, cfg.cross_dropout, cfg.image_mean, cfg.image_std)
     if cfg.model_type == "one_tower":
         if cfg.onetower_stack not in ("text", "vision"):
             raise TowerLoadError(f"onetower_stack must be 'text' or 'vision', not '{cfg.onetower_stack}'")
         stack = load_tower(cfg, cfg.onetower_stack, vocab_size)
         patch = cfg.patch_size if cfg.patch_size > 0 else getattr(stack.config, "patch_size", 16)
         return OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
-                               cfg.max_text_len, cfg.pooling)
+                               cfg.max_text_len, cfg.pooling, cfg.image_mean, cfg.image_std)
     raise TowerLoadError(f"model_type must be 'two_tower' or 'one_tower', not '{cfg.model_type}'")
 
 
@@ -544,17 +586,16 @@ def build_encoder(cfg, vocab_size):
 
 
 class MLMHead(nn.Module):
-    """Masked language modelling: transform, then vocabulary logits only at labelled positions."""
+    """Masked language modelling: transform, then vocabulary logits only at the given positions."""
 
     def __init__(self, dim, vocab_size):
         super().__init__()
         self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
         self.decoder = nn.Linear(dim, vocab_size)
 
-    def forward(self, text_feats, labels):  # (B, T, D), (B, T) with -100 unlabelled -> (N, V), (N,)
-        selected = labels != -100
+    def forward(self, text_feats, positions):  # (B, T, D), (N,) indices into the B*T positions -> (N, V)
         # Gathering first avoids paying the vocabulary projection for ~85% of positions that carry no label.
-        return self.decoder(self.transform(text_feats[selected])), labels[selected]
+        return self.decoder(self.transform(text_feats.flatten(0, 1).index_select(0, positions)))
 
 
 class ClassifierHead(nn.Module):
@@ -596,6 +637,10 @@ class FreezableModel(nn.Module):
         """The task heads on top of the encoder, in order (each subclass names its own)."""
         raise NotImplementedError
 
+    def unused_modules(self):
+        """Dotted names of modules no loss of this model reads, which apply_freezing freezes."""
+        return []
+
 
 def _below_top(embeddings, layers, k):
     """Names frozen when only the top k layers (and what sits above them) train; k < 0 freezes nothing."""
@@ -606,11 +651,12 @@ def apply_freezing(model, cfg):
     """Set requires_grad on every parameter explicitly (so it is idempotent) and record the frozen modules.
 
     Keys: freeze_text, freeze_vision, freeze_cross (two-tower), text_trainable_top / vision_trainable_top
-    (train only the top k layers of a tower, or of a one-tower stack), freeze_modules (any dotted names).
+    (train only the top k layers of a tower, or of a one-tower stack), freeze_modules (any dotted names). The
+    modules no loss reads (model.unused_modules()) are frozen whatever the keys say.
     """
     model.requires_grad_(True)
     enc = model.encoder
-    frozen = []
+    frozen = model.unused_modules()
     if isinstance(enc, TwoTowerEncoder):
         for modality in ("text", "vision"):
             name = f"encoder.{modality}_tower"
@@ -709,6 +755,17 @@ class PretrainModel(FreezableModel):
     def heads(self):
         return [h for h in (self.mlm_head, self.itm_head) if h is not None]
 
+    def unused_modules(self):
+        """With itm_weight=0 the MLM loss reads only the fused text features: the encoder's modules beyond them
+        never get a gradient. (With mlm_weight=0 the MLM head is not built, and ITM reads every other part.)
+        Frozen, they stay out of the optimizer and out of DDP's gradient reduction, which would otherwise wait for
+        their gradients and fail at the second step; find_unused_parameters=True would instead search the graph
+        on every step. Nothing changes for a single process, where they got no gradient either. They keep their
+        initial weights and are saved as any others, so fine-tuning loads such a checkpoint as usual."""
+        if self.itm_head is not None:
+            return []
+        return [f"encoder.{name}" for name in self.encoder.beyond_text_features()]
+
     def encode_image(self, batch):
         """The batch's images, from the vision tower's cached output when the batch carries it ("image_feats",
         see data.with_cached_vision_features), else through the tower."""
@@ -716,15 +773,25 @@ class PretrainModel(FreezableModel):
             return self.encoder.project_image(batch["image_feats"])
         return self.encoder.encode_image(batch["pixel_values"])
 
+    @staticmethod
+    def mlm_positions(mlm_labels, itm_labels, pretrain_pass):
+        """(N,) indices into the flattened (B*T) captions of the positions the MLM loss reads: the labelled ones,
+        of matched pairs only in the shared pass. The batch carries them as "mlm_positions", computed where the
+        masks are drawn (pretrain.make_prepare_batch, on the host): the head then gathers with an index of known
+        size, where a boolean index on the GPU would wait for the device on every micro-step to learn N, and
+        torch.compile would break its graph there. The optimizer step's gradient-norm check stays the one sync."""
+        read = mlm_labels != -100
+        if pretrain_pass == "shared":
+            read = read & (itm_labels[:, None] == 1)
+        return read.flatten().nonzero().squeeze(1)
+
     def forward(self, batch):
         enc = self.encoder
         image = self.encode_image(batch)  # (B, P, D), once for both tasks
-        mlm_labels = batch["mlm_labels"]
         if self.pretrain_pass == "shared":
             paired = image.select(batch["itm_image_index"])
             mlm_fused = itm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]),
                                              paired, cls_only=("image",))
-            mlm_labels = mlm_labels.masked_fill(batch["itm_labels"][:, None] == 0, -100)  # matched pairs only
         else:
             if self.mlm_head is not None:  # MLM reads text features: only the image stream may stop at its CLS
                 mlm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), image,
@@ -734,11 +801,14 @@ class PretrainModel(FreezableModel):
                                      image.select(batch["itm_image_index"]), cls_only=("text", "image"))
         out, loss = {}, torch.zeros((), device=image.feats.device)
         if self.mlm_head is not None:
-            logits, targets = self.mlm_head(mlm_fused.text_feats, mlm_labels)  # (N, V), (N,)
-            # a sum over N targets, not a mean: with N = 0 the loss is still a (zero) function of the head,
-            # so DDP's gradient hooks fire for it as on every other step
-            out["mlm_loss"] = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
-            out["mlm_acc"] = (logits.argmax(-1) == targets).float().mean() if len(targets) else loss.new_zeros(())
+            positions = batch["mlm_positions"]  # (N,), see mlm_positions
+            logits = self.mlm_head(mlm_fused.text_feats, positions)  # (N, V)
+            targets = batch["mlm_labels"].flatten().index_select(0, positions)  # (N,)
+            # sums over N targets, not means: with N = 0 the loss is still a (zero) function of the head, so DDP's
+            # gradient hooks fire for it as on every other step, and no branch depends on N
+            n = max(positions.shape[0], 1)
+            out["mlm_loss"] = F.cross_entropy(logits.float(), targets, reduction="sum") / n
+            out["mlm_acc"] = (logits.argmax(-1) == targets).float().sum() / n
             loss = loss + self.mlm_weight * out["mlm_loss"]
         if self.itm_head is not None:
             logits = self.itm_head(itm_fused.pooled)  # (B, 2)

@@ -27,16 +27,23 @@ INFO = data.TokenizerInfo(mask_token_id=4, vocab_size=VOCAB, special_ids=(0, 1, 
 DIM = TINY["cross_hidden"]
 
 
-def make_batch(seed=0, labelled=2):
+def with_positions(batch, pretrain_pass):
+    """The batch with the MLM positions that pass reads, as pretrain.make_prepare_batch adds them."""
+    return dict(batch, mlm_positions=PretrainModel.mlm_positions(batch["mlm_labels"], batch["itm_labels"],
+                                                                 pretrain_pass))
+
+
+def make_batch(seed=0, labelled=2, pretrain_pass="separate"):
     """A prepared batch: `labelled` MLM targets per row, ITM pairs with two negatives."""
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, VOCAB, (B, T), generator=g)
     labels = torch.full((B, T), -100)
     labels[:, 1:1 + labelled] = input_ids[:, 1:1 + labelled]
-    return dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g), input_ids=input_ids,
-                attention_mask=torch.ones(B, T, dtype=torch.long), mlm_labels=labels,
-                mlm_input_ids=input_ids.masked_fill(labels != -100, INFO.mask_token_id),
-                itm_image_index=torch.tensor([1, 0, 2, 3]), itm_labels=torch.tensor([0, 0, 1, 1]))
+    return with_positions(dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g), input_ids=input_ids,
+                               attention_mask=torch.ones(B, T, dtype=torch.long), mlm_labels=labels,
+                               mlm_input_ids=input_ids.masked_fill(labels != -100, INFO.mask_token_id),
+                               itm_image_index=torch.tensor([1, 0, 2, 3]), itm_labels=torch.tensor([0, 0, 1, 1])),
+                          pretrain_pass)
 
 
 def pretrain_model(pretrain_pass="separate", **overrides):
@@ -66,7 +73,7 @@ def test_flop_counter_sees_freezing_shared_pass_and_labelled_positions():
     batch = make_batch()
     none, both = flops(pretrain_model(), batch), flops(pretrain_model(freeze_text=True, freeze_vision=True), batch)
     assert both < none
-    assert flops(pretrain_model("shared"), batch) < none
+    assert flops(pretrain_model("shared"), make_batch(pretrain_pass="shared")) < none
     # each labelled position costs the MLM head's transform and vocabulary projection, forward and backward
     # (input and weight gradients), and nothing else changes
     one, three = flops(pretrain_model(), make_batch(labelled=1)), flops(pretrain_model(), make_batch(labelled=3))
@@ -116,7 +123,7 @@ def reference_losses(model, batch, shared):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_pretraining_passes_match_the_plain_reference(pretrain_pass, checkpointing):
     model = pretrain_model(pretrain_pass, gradient_checkpointing=checkpointing)
-    batch = make_batch()
+    batch = make_batch(pretrain_pass=pretrain_pass)
     out = model(batch)
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -178,7 +185,8 @@ def test_shared_pass_with_no_matched_pair_still_reaches_every_head_parameter():
     """A micro-batch of negatives only has no MLM target; the MLM head must still get (zero) gradients, or
     DDP would wait for them."""
     model = pretrain_model("shared")
-    batch = dict(make_batch(), itm_labels=torch.zeros(B, dtype=torch.long), itm_image_index=torch.tensor([1, 0, 3, 2]))
+    batch = with_positions(dict(make_batch(), itm_labels=torch.zeros(B, dtype=torch.long),
+                                itm_image_index=torch.tensor([1, 0, 3, 2])), "shared")
     out = model(batch)
     out["loss"].backward()
     assert out["mlm_loss"] == 0
@@ -244,6 +252,27 @@ def test_feature_cache_refuses_a_trainable_tower_or_augmentation(tmp_path):
 # Offline paper towers and the whole script
 
 
+def test_random_feature_cache_input_is_built_where_the_vision_tower_is():
+    """The probe that sizes the random cached features runs on the tower's device (here the meta device, which
+    refuses a CPU input as CUDA would)."""
+    cfg = tiny_config(micro_batch_size=2)
+    encoder = build_encoder(cfg, VOCAB).to("meta")
+    batch = next(bench.with_random_vision_features(bench.random_batches(cfg, INFO), encoder, cfg))
+    assert batch["image_feats"].shape == (2, 1 + (32 // 8) ** 2, 32) and "pixel_values" not in batch
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200 NVL", 835.5), ("NVIDIA H200", 989.4),
+                                        ("NVIDIA H100 NVL", 835.0), ("NVIDIA A10", 125.0), ("NVIDIA L4", 121.0),
+                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.1)])
+def test_gpu_peak_table_takes_the_most_specific_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16")[0] == peak * 1e12
+    monkeypatch.setattr(bench, "GPU_PEAK_TFLOPS", bench.GPU_PEAK_TFLOPS[::-1])  # whatever the table's order
+    assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16")[0] == peak * 1e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16") is None
+
+
 def test_random_init_towers_builds_the_paper_models_exact_dimensions():
     cfg, vocab = bench.random_init_towers(engine.Config())
     assert (cfg.text_tower, cfg.vision_tower, cfg.tokenizer, vocab) == (
@@ -279,12 +308,22 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):
     assert "GFLOP/sample" in printed and "vision+shared+ckpt+cache" in printed
 
 
+def test_decode_rate_times_one_workers_items(tmp_path):
+    cfg = cache_config(tmp_path)
+    train_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg))[0]
+    opened = []
+    timed = type("Timed", (), {"__len__": lambda self: len(train_set),
+                               "__getitem__": lambda self, i: opened.append(i) or train_set[i]})()
+    assert bench.decode_rate(timed, 5) > 0 and opened == [0, 0, 1, 2, 3, 4]  # one untimed warm-up item
+    assert train_set[0]["image"].dtype == torch.uint8
+
+
 def test_compiled_model_with_a_frozen_tower_matches_eager():
     """torch.compile traces the pretraining model with a frozen tower (the aot_eager backend: the same graph
     capture and autograd as inductor, without generating C++), giving eager's losses and gradients and no
     gradient to the frozen tower."""
     model = pretrain_model("shared", freeze_vision=True, cross_dropout=0.0)
-    batch = make_batch()
+    batch = make_batch(pretrain_pass="shared")
     eager = model(batch)
     eager["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -296,3 +335,15 @@ def test_compiled_model_with_a_frozen_tower_matches_eager():
     assert not any(n.startswith("encoder.vision_tower") for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("pretrain_pass, overrides", [("separate", dict(cross_dropout=0.1)), ("shared", {})])
+def test_pretraining_forward_is_one_graph(pretrain_pass, overrides):
+    """torch.compile captures the whole pretraining forward, dropout included: the MLM head gathers positions
+    of known number (no boolean index), no Python branch reads a tensor, and the CPU dropout masks give way to
+    the compiler's own."""
+    model = pretrain_model(pretrain_pass, **overrides)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(make_batch(pretrain_pass=pretrain_pass))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+

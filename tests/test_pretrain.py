@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import engine
 import pretrain
 import processes
@@ -114,6 +115,38 @@ def test_one_process_equals_two(tmp_path, data_root):
             assert r2[name] == pytest.approx(r1[name], rel=1e-4, abs=1e-6), (r1["step"], name)
 
 
+def test_compiling_pads_captions_to_max_text_len():
+    """With compile=True every batch has the same text length, so a compiled model sees one shape."""
+    items = [{"caption": caption, "image": torch.zeros(3, 4, 4), "image_id": i}
+             for i, caption in enumerate(["a red circle", "a small blue square left of a green triangle"])]
+    tokenizer = data.synthetic_tokenizer()
+    plain = data.PretrainCollator(tokenizer, max_text_len=16)(items)
+    fixed = data.PretrainCollator(tokenizer, max_text_len=16, fixed_length=True)(items)
+    assert plain["input_ids"].shape[1] < 16 and fixed["input_ids"].shape == (2, 16)
+    assert torch.equal(fixed["input_ids"][:, :plain["input_ids"].shape[1]], plain["input_ids"])
+    assert fixed["special_tokens_mask"][:, plain["input_ids"].shape[1]:].all()
+
+
+@pytest.mark.parametrize("pretrain_pass", ["separate", "shared"])
+def test_prepared_batches_carry_the_positions_their_pass_reads(pretrain_pass):
+    """The MLM positions come with the batch, from the host: every labelled one, or those of matched pairs in the
+    shared pass."""
+    cfg = tiny_config(pretrain_pass=pretrain_pass, mlm_prob=0.5, itm_neg_prob=0.5)
+    B, T = 8, 10
+    special = torch.zeros(B, T, dtype=torch.bool)
+    special[:, [0, -1]] = True
+    raw = dict(input_ids=torch.randint(5, 60, (B, T)), attention_mask=torch.ones(B, T, dtype=torch.long),
+               special_tokens_mask=special, word_ids=(torch.arange(T) - 1).expand(B, T).masked_fill(special, -1),
+               image_ids=torch.arange(B), pixel_values=torch.zeros(B, 3, 4, 4, dtype=torch.uint8))
+    info = data.TokenizerInfo(mask_token_id=4, vocab_size=60, special_ids=(0, 1, 2, 3, 4))
+    batch = pretrain.make_prepare_batch(cfg, info, torch.device("cpu"))(raw, 0, 0)
+    labelled = batch["mlm_labels"] != -100
+    matched = batch["itm_labels"][:, None] == 1
+    assert (labelled & ~matched).any() and (labelled & matched).any()  # both kinds of rows are there
+    read = labelled & matched if pretrain_pass == "shared" else labelled
+    assert batch["mlm_positions"].tolist() == read.flatten().nonzero().squeeze(1).tolist()
+
+
 def test_loss_weights_are_applied():
     torch.manual_seed(0)
     cfg = tiny_config()
@@ -123,6 +156,7 @@ def test_loss_weights_are_applied():
                  mlm_labels=torch.full((4, 6), -100), itm_image_index=torch.tensor([1, 0, 2, 3]),
                  itm_labels=torch.tensor([0, 0, 1, 1]))
     batch["mlm_labels"][:, 3] = 9
+    batch["mlm_positions"] = PretrainModel.mlm_positions(batch["mlm_labels"], batch["itm_labels"], "separate")
     model.mlm_weight, model.itm_weight = 2.0, 0.5
     out = model(batch)
     assert out["loss"].item() == pytest.approx(2.0 * out["mlm_loss"].item() + 0.5 * out["itm_loss"].item())
