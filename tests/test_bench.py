@@ -242,18 +242,21 @@ def test_feature_cache_refuses_a_trainable_tower_or_augmentation(tmp_path):
 # Offline paper towers and the whole script
 
 
-def test_random_init_towers_builds_the_paper_models_exact_dimensions():
-    cfg, vocab = bench.random_init_towers(engine.Config())
-    assert (cfg.text_tower, cfg.vision_tower, cfg.tokenizer, vocab) == (
-        "electra", "deit", "google/electra-small-discriminator", 30522)
-    encoder = build_encoder(cfg, vocab)  # no hub access: the tests run with HF_HUB_OFFLINE=1
+def test_random_init_towers_builds_the_hub_models_exact_dimensions():
+    cfg = engine.Config(random_init_towers=True)  # the paper's towers: ELECTRA-Small and DeiT-Tiny, by hub name
+    encoder = build_encoder(cfg, 1000)  # no hub access: the tests run with HF_HUB_OFFLINE=1
     text, vision = encoder.text_tower.config, encoder.vision_tower.config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size,
-            text.embedding_size, text.vocab_size) == (256, 12, 4, 1024, 128, 30522)
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size,
-            vision.patch_size, vision.image_size) == (192, 12, 3, 768, 16, 224)
-    with pytest.raises(ValueError, match="vision_tower 'someone/vit-huge'"):
-        bench.random_init_towers(engine.Config(vision_tower="someone/vit-huge"))
+    assert (text.model_type, text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+            text.intermediate_size, text.embedding_size, text.vocab_size) == ("electra", 256, 12, 4, 1024, 128, 30522)
+    assert (vision.model_type, vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads,
+            vision.intermediate_size, vision.patch_size, vision.image_size) == ("deit", 192, 12, 3, 768, 16, 224)
+    one_tower = build_encoder(dataclasses.replace(cfg, model_type="one_tower", onetower_stack="vision",
+                                                  vision_tower="google/vit-base-patch16-224-in21k"), 1000)
+    assert one_tower.stack_config.hidden_size == 768 and len(one_tower.layers) == 12
+    with pytest.raises(ValueError, match="random_init_towers: vision_tower 'someone/vit-huge'"):
+        build_encoder(dataclasses.replace(cfg, vision_tower="someone/vit-huge"), 1000)
+    with pytest.raises(ValueError, match="vision_tower 'bert-base-uncased' is a bert model, not a vision tower"):
+        build_encoder(dataclasses.replace(cfg, text_tower="bert-base-uncased", vision_tower="bert-base-uncased"), 1000)
 
 
 def test_bench_runs_and_writes_its_table(tmp_path, capsys):
