@@ -39,18 +39,20 @@ VISION_MODEL_TYPES = {"vit", "deit", "beit", "data2vec-vision", "dinov2", "vit_m
 # (its config.json values). Every text model here has BERT's uncased WordPiece vocabulary, every vision model
 # 16-pixel patches.
 HUB_TOWERS = {
-    "google/electra-small-discriminator": ("electra", dict(hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
-                                                           intermediate_size=1024, embedding_size=128, vocab_size=30522)),
-    "google/electra-base-discriminator": ("electra", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                                          intermediate_size=3072, embedding_size=768, vocab_size=30522)),
-    "bert-base-uncased": ("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                       intermediate_size=3072, vocab_size=30522)),
-    "facebook/deit-tiny-patch16-224": ("deit", dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
-                                                    intermediate_size=768, patch_size=16)),
-    "google/vit-base-patch16-224-in21k": ("vit", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                                      intermediate_size=3072, patch_size=16)),
-    "google/vit-base-patch16-224": ("vit", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                                intermediate_size=3072, patch_size=16)),
+    "google/electra-small-discriminator": ("electra", dict(
+        hidden_size=256, num_hidden_layers=12, num_attention_heads=4, intermediate_size=1024, embedding_size=128,
+        vocab_size=30522)),
+    "google/electra-base-discriminator": ("electra", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, embedding_size=768,
+        vocab_size=30522)),
+    "bert-base-uncased": ("bert", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522)),
+    "facebook/deit-tiny-patch16-224": ("deit", dict(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, patch_size=16)),
+    "google/vit-base-patch16-224-in21k": ("vit", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16)),
+    "google/vit-base-patch16-224": ("vit", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16)),
 }
 
 
@@ -149,7 +151,8 @@ def load_tower(cfg, modality, vocab_size=None):
                                  f"({', '.join(HUB_TOWERS)}); give a family name and its dimensions instead")
         family, hub_dims = HUB_TOWERS[name]
         if family not in families:
-            raise TowerLoadError(f"random_init_towers: {tower_key} '{name}' is a {family} model, not a {modality} tower")
+            raise TowerLoadError(f"random_init_towers: {tower_key} '{name}' is a {family} model, "
+                                 f"not a {modality} tower")
         config = families[family](**hub_dims)
         pretrained = False
     else:

@@ -259,6 +259,14 @@ def test_random_init_towers_builds_the_hub_models_exact_dimensions():
         build_encoder(dataclasses.replace(cfg, text_tower="bert-base-uncased", vision_tower="bert-base-uncased"), 1000)
 
 
+def test_random_data_skips_the_tokenizer_only_for_a_hub_text_tower_built_offline():
+    random, loader = SimpleNamespace(data="random"), SimpleNamespace(data="loader")
+    assert not bench.needs_tokenizer(engine.Config(random_init_towers=True), random)  # ELECTRA-Small's own
+    assert bench.needs_tokenizer(engine.Config(), random)  # real towers: the tokenizer is loaded
+    assert bench.needs_tokenizer(engine.Config(random_init_towers=True, tokenizer="synthetic"), random)
+    assert bench.needs_tokenizer(engine.Config(random_init_towers=True), loader)
+
+
 def test_bench_runs_and_writes_its_table(tmp_path, capsys):
     config = tmp_path / "tiny.py"
     config.write_text("".join(f"{key} = {value!r}\n" for key, value in TINY.items()))
