@@ -2,9 +2,11 @@
 freezing variants. Prints a table and writes JSON.
 
     python bench.py configs/freeze_none.py --variants=none,text,vision,both --micro_batch_size=8
-    python bench.py configs/freeze_none.py --random_init_towers --data=random --micro_batch_size=8 --variants=none,both
+    python bench.py configs/freeze_none.py --random_init_towers=true --data=random --micro_batch_size=8 --variants=none,both
 
-Config overrides (--key=value) work as for pretrain.py. Bench options:
+Config overrides (--key=value) work as for pretrain.py; --random_init_towers=true (the config key) builds the hub
+towers the config names offline at their exact dimensions from random init, and with --data=random and such a
+text tower's own tokenizer nothing at all is downloaded. Bench options:
   --variants=a,b,...    what to measure, each a freezing variant, config (as configured), none, text, vision or
                         both, optionally followed by modifiers: +shared / +separate (pretrain_pass), +ckpt
                         (gradient checkpointing), +compile (torch.compile), +cache (the frozen vision feature
@@ -13,9 +15,6 @@ Config overrides (--key=value) work as for pretrain.py. Bench options:
   --data=loader|random  loader: the config's corpora through the training DataLoader, so the data time is real;
                         random: in-memory batches of captions exactly max_text_len tokens long (no padding) and
                         random pixels, the shape the paper's targets are stated at; the data time is masking only
-  --random_init_towers  build the hub towers the config names (the paper's models, PAPER_TOWERS) at their exact
-                        dimensions from random init: nothing is downloaded. A switch, never a fallback: without
-                        it an unreachable hub is an error, and so is a hub name the table does not know.
   --decode_images=N     first time reading N training pictures (open, decode, transform: one loader worker's work)
                         in this process on one thread, and print images/s per worker; with num_workers workers
                         per process the loader can feed at most that many times as much
@@ -52,53 +51,22 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import data
 import engine
 import pretrain
-from model import apply_freezing, build_pretrain_model, enable_gradient_checkpointing, parameter_summary
+from model import HUB_TOWERS, apply_freezing, build_pretrain_model, enable_gradient_checkpointing, parameter_summary
 
 # -----------------------------------------------------------------------------
-# The paper's towers at their exact dimensions, built from random init
+# Random batches without a tokenizer
 
-# hub name -> (family, dimensions as the config's <modality>_<key> values)
-PAPER_TOWERS = {
-    "google/electra-small-discriminator": ("electra", dict(hidden_size=256, layers=12, heads=4, mlp_ratio=4.0,
-                                                           embedding_size=128)),
-    "google/electra-base-discriminator": ("electra", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0,
-                                                          embedding_size=768)),
-    "bert-base-uncased": ("bert", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0)),
-    "facebook/deit-tiny-patch16-224": ("deit", dict(hidden_size=192, layers=12, heads=3, mlp_ratio=4.0)),
-    "google/vit-base-patch16-224-in21k": ("vit", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0)),
-    "google/vit-base-patch16-224": ("vit", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0)),
-}
-PAPER_PATCH_SIZE = 16  # every vision model above
-# Every text model above uses BERT's uncased WordPiece vocabulary: its size and special tokens
+# Every text model of model.HUB_TOWERS uses BERT's uncased WordPiece vocabulary: its size and special tokens
 # ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103).
 PAPER_TOKENIZER_INFO = data.TokenizerInfo(mask_token_id=103, vocab_size=30522, special_ids=(0, 100, 101, 102, 103))
 
 
-def random_init_towers(cfg):
-    """(cfg with the towers it uses rebuilt as random-init families at the paper models' exact dimensions,
-    the paper vocabulary size or None). A tower already given as a family is left as it is; the tokenizer
-    stays the hub model's, so only the weights stop depending on the hub."""
-    used = ("text", "vision") if cfg.model_type == "two_tower" else (cfg.onetower_stack,)
-    changes = {}
-    for modality in used:
-        name = getattr(cfg, f"{modality}_tower")
-        families = ("bert", "electra", "roberta") if modality == "text" else ("vit", "deit", "beit")
-        if name in families:
-            continue
-        if name not in PAPER_TOWERS:
-            raise ValueError(f"--random_init_towers: {modality}_tower '{name}' is not one of the paper's models "
-                             f"({', '.join(PAPER_TOWERS)}); give a family name and its dimensions instead")
-        family, dims = PAPER_TOWERS[name]
-        changes.update({f"{modality}_tower": family, f"{modality}_pretrained": False})
-        changes.update({f"{modality}_{key}": value for key, value in dims.items()})
-        if modality == "text":
-            changes["text_embedding_size"] = dims.get("embedding_size", -1)
-            changes["tokenizer"] = cfg.tokenizer or name
-        else:
-            changes["patch_size"] = PAPER_PATCH_SIZE
-    tokenizer = changes.get("tokenizer", cfg.tokenizer)
-    vocab = PAPER_TOKENIZER_INFO.vocab_size if tokenizer in PAPER_TOWERS else None
-    return dataclasses.replace(cfg, **changes), vocab
+def needs_tokenizer(cfg, args):
+    """Whether the tokenizer must be loaded: always for --data=loader; for random data unless random_init_towers
+    builds the text tower offline and the tokenizer is that hub model's (then PAPER_TOKENIZER_INFO describes it)."""
+    name = cfg.tokenizer or cfg.text_tower
+    paper_vocabulary = name in HUB_TOWERS and "vocab_size" in HUB_TOWERS[name][1]
+    return args.data == "loader" or not (cfg.random_init_towers and paper_vocabulary)
 
 
 # -----------------------------------------------------------------------------
@@ -345,8 +313,7 @@ def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, arg
             batches = with_random_vision_features(batches, model.encoder, cfg)
     prepare_batch = pretrain.make_prepare_batch(cfg, tokenizer_info, device)
     autocast = engine.autocast_context(device, cfg.dtype)
-    optimizer = engine.build_optimizer(model, cfg, {"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads},
-                                       verbose=False)
+    optimizer = engine.build_optimizer(model, cfg, engine.lr_scales(cfg, model), verbose=False)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     step_model = torch.compile(model) if cfg.compile else model
@@ -422,7 +389,6 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--data", choices=("loader", "random"), default="loader")
-    parser.add_argument("--random_init_towers", action="store_true")
     parser.add_argument("--decode_images", type=int, default=0)
     parser.add_argument("--peak_tflops", type=float, default=0.0)
     parser.add_argument("--json", default="")
@@ -451,9 +417,6 @@ def run_child(variant, argv, peak_flops, json_path):
 def main(argv):
     args, config_argv = parse_args(argv)
     cfg = engine.load_config(config_argv)
-    vocab_size = None
-    if args.random_init_towers:
-        cfg, vocab_size = random_init_towers(cfg)
     dist = engine.setup_distributed(cfg)
     if dist.is_ddp:
         raise ValueError("bench.py measures one process: run it with python, not torchrun")
@@ -463,15 +426,10 @@ def main(argv):
         variant_config(cfg, variant)  # an unknown variant fails now, not after the others ran
 
     if args.child:
-        tokenizer = None
-        if args.data == "loader" or vocab_size is None:
-            tokenizer = data.build_tokenizer(cfg)
-            if vocab_size is not None and len(tokenizer) > vocab_size:
-                raise ValueError(f"tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens, more than the paper "
-                                 f"model's {vocab_size}")
+        tokenizer = data.build_tokenizer(cfg) if needs_tokenizer(cfg, args) else None
         info = data.TokenizerInfo.from_tokenizer(tokenizer) if tokenizer is not None else PAPER_TOKENIZER_INFO
         args.peak_flops = args.peak_tflops * 1e12
-        row = bench_variant(variants[0], cfg, dist, vocab_size or len(tokenizer), tokenizer, info, args)
+        row = bench_variant(variants[0], cfg, dist, info.vocab_size, tokenizer, info, args)
         with open(args.json, "w") as f:  # the parent's temporary directory
             json.dump(row, f)
         return row
@@ -506,7 +464,7 @@ def main(argv):
     print(f"load average at the end {load_end[0]:.2f}")
     report = {"command": command, "machine": machine_description(dist.device), "dtype": cfg.dtype,
               "micro_batch_size": cfg.micro_batch_size, "image_size": cfg.image_size,
-              "max_text_len": cfg.max_text_len, "data": args.data, "random_init_towers": args.random_init_towers,
+              "max_text_len": cfg.max_text_len, "data": args.data,
               "warmup": args.warmup, "steps": args.steps, "peak_flops": peak_flops, "peak_source": peak_source,
               "load_average": [load_start[0], load_end[0]], "decode_images_per_sec_per_worker": decode,
               "config": dataclasses.asdict(cfg), "variants": rows}

@@ -615,9 +615,15 @@ class Img2DatasetShards:
         self.root, self.transform, self.image_id_offset = Path(root), transform, image_id_offset
         if not self.root.is_dir():
             raise FileNotFoundError(f"img2dataset folder not found: {self.root}")
-        self.shards = sorted(p for p in self.root.iterdir() if p.is_dir() or p.suffix == ".tar")
+        # img2dataset numbers its shards (00000/, 00001.tar, ...): anything else here is not a shard
+        self.shards = sorted(p for p in self.root.iterdir()
+                             if (p.is_dir() and p.name.isdigit()) or (p.suffix == ".tar" and p.stem.isdigit()))
         if not self.shards:
-            raise ValueError(f"{self.root}: no img2dataset shards (sub-folders of key.jpg/key.txt, or .tar files)")
+            others = sorted(p.name + "/" for p in self.root.iterdir() if p.is_dir())
+            raise ValueError(f"{self.root}: no img2dataset shards found here (a shard is a numbered folder such as "
+                             f"00000/ of <key>.jpg + <key>.txt files, or a numbered .tar such as 00000.tar)"
+                             + (f"; it has the folders {', '.join(others[:5])}: give the folder that holds the "
+                                "shards" if others else ""))
         self.shard_sizes = np.array([self._count(shard) for shard in self.shards], dtype=np.int64)
 
     def __len__(self):
@@ -827,11 +833,10 @@ def build_tokenizer(cfg):
         raise ValueError(f"text_tower={cfg.text_tower!r} is a family name (random init) and brings no tokenizer: "
                          "set tokenizer to a hub name, a local directory or 'synthetic'")
     from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # transformers raises OSError, ValueError, HTTP errors... all mean "cannot load"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"could not load tokenizer {name!r}: {reason}") from None
+
+    from model import from_hub_or_directory
+    tokenizer = from_hub_or_directory(AutoTokenizer.from_pretrained, name, "tokenizer",
+                                      "give a local directory (save_pretrained output) or tokenizer='synthetic'")
     if not tokenizer.is_fast:
         raise ValueError(f"tokenizer {name!r} is not a fast tokenizer; whole-word masking needs its word_ids")
     return tokenizer

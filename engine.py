@@ -51,6 +51,7 @@ class Config:
     text_pretrained: bool = True  # load the text tower's pretrained weights; False = random init of the same shape
     vision_tower: str = "facebook/deit-tiny-patch16-224"  # hub name, directory, or family (vit, deit, beit): random init
     vision_pretrained: bool = True  # load the vision tower's pretrained weights; False = random init of the same shape
+    random_init_towers: bool = False  # build hub-named towers offline from random init at the hub models' exact sizes, vocabulary included (model.HUB_TOWERS)
     tokenizer: str = ""  # "" = the text tower's tokenizer; a hub name or directory; or "synthetic" (grammar vocabulary)
     text_hidden_size: int = -1  # random init: text hidden size (-1 keeps the tower's own)
     text_layers: int = -1  # random init: text layers (-1 keeps the tower's own)
@@ -116,7 +117,7 @@ class Config:
     lr_decay: str = "linear"  # decay after warmup: "linear" or "cosine"
     min_lr_ratio: float = 0.0  # final learning rate as a fraction of lr
     grad_clip: float = 1.0  # clip the gradient norm to this (0 = no clipping)
-    lr_mult_cross: float = 5.0  # learning-rate multiplier of the cross-modal layers
+    lr_mult_cross: float = 5.0  # learning-rate multiplier of the cross-modal layers (two-tower only: a one-tower run refuses it on the command line)
     lr_mult_heads: float = 5.0  # learning-rate multiplier of the task heads
     # logging and checkpoints
     log_interval: int = 10  # optimizer steps between training log lines
@@ -232,23 +233,29 @@ def load_config(argv):
     """Config from `[CONFIG.py] [--key=value ...]` (defaults < config file < command line), validated for
     the WORLD_SIZE that torchrun set (1 without torchrun). Bad input raises ConfigError."""
     values = asdict(Config())
-    args = list(argv)
-    if args and not args[0].startswith("--"):
+    if argv and not argv[0].startswith("--"):
         namespace = dict(values)
-        _exec_config_file(args.pop(0), namespace, [])
+        _exec_config_file(argv[0], namespace, [])
         values = {key: namespace[key] for key in values}
-    for arg in args:
+    values.update(command_line_overrides(argv))
+    cfg = Config(**values)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    refuse_overwrite(cfg)
+    return cfg
+
+
+def command_line_overrides(argv):
+    """{key: checked value} of the `--key=value` arguments of `[CONFIG.py] [--key=value ...]`."""
+    overrides = {}
+    for arg in argv[1:] if argv and not argv[0].startswith("--") else argv:
         match = re.fullmatch(r"--(\w+)=(.*)", arg, re.DOTALL)
         if match is None:
             raise ConfigError(f"command line: expected --key=value, got '{arg}'")
         key, raw = match.groups()
         if key not in KEY_TYPES:
             raise _unknown_key(key, "command line")
-        values[key] = _check_value(key, _parse_cli_value(raw, KEY_TYPES[key]), KEY_TYPES[key], "command line")
-    cfg = Config(**values)
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    refuse_overwrite(cfg)
-    return cfg
+        overrides[key] = _check_value(key, _parse_cli_value(raw, KEY_TYPES[key]), KEY_TYPES[key], "command line")
+    return overrides
 
 
 def validate(cfg, world_size=1):
@@ -389,6 +396,23 @@ def autocast_context(device, dtype):
 
 # ----------------------------------------------------------------------------------------------------
 # Optimizer and learning rate
+
+# Each lr_mult_* key and the module group (model.module_groups()) whose learning rate it multiplies.
+LR_MULTIPLIERS = {"lr_mult_cross": "cross_modal", "lr_mult_heads": "heads"}
+
+
+def lr_scales(cfg, model, command_line=()):
+    """{module group: multiplier} from the lr_mult_* keys, for the groups `model` has. A key whose group the model
+    lacks (a one-tower model has no cross-modal layers) is ignored when its value comes from the defaults or a
+    config file, because one config often serves both model types (a task config takes the architecture from
+    init_from); given on the command line (`command_line`: the keys set there), it is a ConfigError."""
+    groups = model.module_groups()
+    for key, group in LR_MULTIPLIERS.items():
+        if group not in groups and key in command_line:
+            raise ConfigError(f"{key} is set on the command line, but this {cfg.model_type} model has no "
+                              f"'{group}' group (it has {', '.join(groups)})")
+    return {group: getattr(cfg, key) for key, group in LR_MULTIPLIERS.items() if group in groups}
+
 
 def build_optimizer(model, cfg, lr_scales, verbose=True):
     """AdamW over the trainable parameters of `model.module_groups()`: per group one param group with weight

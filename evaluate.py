@@ -37,8 +37,9 @@ def run_config(run_dir, overrides):
     args = [f"--{key}={value}" if isinstance(value, str) else f"--{key}={value!r}" for key, value in saved.items()
             if key in engine.KEY_TYPES]  # a key that this version no longer has is skipped
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    fixed = [f"--out_dir={run_dir}", f"--batch_size={saved['micro_batch_size'] * world_size}"]
-    return engine.load_config(args + fixed + list(overrides))
+    micro_batch_size = engine.command_line_overrides(overrides).get("micro_batch_size", saved["micro_batch_size"])
+    fixed = [f"--out_dir={run_dir}", f"--batch_size={micro_batch_size * world_size}"]
+    return engine.load_config(args + list(overrides) + fixed)
 
 
 def model_name(cfg):

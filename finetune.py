@@ -104,6 +104,7 @@ def main(argv):
         model.get_submodule(name).requires_grad_(False)
     model.frozen_modules += unused
     engine.require_trainable(model)
+    lr_scales = engine.lr_scales(cfg, model, engine.command_line_overrides(argv))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.to(dist.device)
@@ -130,9 +131,8 @@ def main(argv):
         with open(path + ".tmp", "w") as f:
             json.dump(label_names, f)
         os.replace(path + ".tmp", path)
-    lr_scales = {"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads}
     engine.train(cfg, dist, model, loader, prepare_batch, evaluate,
-                 lr_scales={k: v for k, v in lr_scales.items() if k in model.module_groups()})
+                 lr_scales=lr_scales)
     engine.cleanup_distributed()
 
 

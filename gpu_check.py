@@ -233,7 +233,7 @@ def check_eval_parity(ctx):
 def check_bench_mfu(ctx):
     """bench.py on the paper's two-tower model in bf16: MFU against the datasheet peak (target ctx["mfu_target"])."""
     path = ctx["out"] / "bench.json"
-    run([sys.executable, "bench.py", "configs/freeze_none.py", "--random_init_towers", "--data=random",
+    run([sys.executable, "bench.py", "configs/freeze_none.py", "--random_init_towers=true", "--data=random",
          "--dtype=bfloat16", "--micro_batch_size=88", "--batch_size=88", "--steps=10", "--warmup=3",
          "--variants=none,none+shared,both,both+shared", f"--json={path}"], timeout=1800)
     report = json.loads(path.read_text())

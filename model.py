@@ -35,8 +35,78 @@ TEXT_MODEL_TYPES = {"bert", "electra", "roberta", "xlm-roberta", "camembert", "a
 VISION_MODEL_TYPES = {"vit", "deit", "beit", "data2vec-vision", "dinov2", "vit_msn", "vit_mae"}
 
 
+# What random_init_towers builds in place of a hub name, offline: the family and the hub model's dimensions
+# (its config.json values). Every text model here has BERT's uncased WordPiece vocabulary, every vision model
+# 16-pixel patches.
+HUB_TOWERS = {
+    "google/electra-small-discriminator": ("electra", dict(
+        hidden_size=256, num_hidden_layers=12, num_attention_heads=4, intermediate_size=1024, embedding_size=128,
+        vocab_size=30522)),
+    "google/electra-base-discriminator": ("electra", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, embedding_size=768,
+        vocab_size=30522)),
+    "bert-base-uncased": ("bert", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522)),
+    "facebook/deit-tiny-patch16-224": ("deit", dict(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, patch_size=16)),
+    "google/vit-base-patch16-224-in21k": ("vit", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16)),
+    "google/vit-base-patch16-224": ("vit", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16)),
+}
+
+
 class TowerLoadError(ValueError):
     """A tower or its config could not be loaded; the message is one line naming it."""
+
+
+def one_line(error):
+    """An exception's whole message as one line (transformers' messages run over several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def hub_unreachable(timeout=5.0):
+    """Why the Hugging Face hub cannot be reached, from one request without retries; "" when it answers at all."""
+    from huggingface_hub import constants, get_session
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # the HTTP client's connection errors: refused, no route, name not resolved, timeout
+        return one_line(e)
+    return ""
+
+
+def from_hub_or_directory(load, name, key, offline_fix):
+    """`load(name, **kwargs)` (a from_pretrained) for config key `key`, each failure one line naming the key.
+
+    A local directory is read as it is, and a path that is not one is reported as such. A hub name is read from
+    the local cache first; the hub is asked only when HF_HUB_OFFLINE is unset and one request shows that it answers,
+    so without hub access the run fails in seconds (transformers would retry for half a minute), saying
+    `offline_fix`: how to run without the hub.
+    """
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        try:
+            return load(path)
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError... all mean "cannot load"
+            raise TowerLoadError(f"could not load {key} from directory '{name}': {one_line(e)}") from None
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a hub name is "name" or "namespace/name"
+        raise TowerLoadError(f"{key}: directory '{name}' does not exist")
+    try:
+        return load(name, local_files_only=True)
+    except Exception:
+        pass  # not in the cache
+    from huggingface_hub import constants
+    if constants.is_offline_mode():
+        raise TowerLoadError(f"could not load {key} '{name}': it is not in the local Hugging Face cache and "
+                             f"HF_HUB_OFFLINE is set; {offline_fix}")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise TowerLoadError(f"could not load {key} '{name}': the Hugging Face hub ({constants.ENDPOINT}) is "
+                             f"unreachable ({unreachable}) and '{name}' is not in the local cache; {offline_fix}")
+    try:
+        return load(name)
+    except Exception as e:
+        raise TowerLoadError(f"could not load {key} '{name}' from the hub: {one_line(e)}") from None
 
 
 def _tower_overrides(cfg, modality):
@@ -61,22 +131,32 @@ def load_tower(cfg, modality, vocab_size=None):
 
     Three ways: a family name ("bert", "vit", ...) -> random init with the config's hand-set dimensions;
     a hub name or local directory with `<modality>_pretrained=True` -> its weights; with False -> random
-    init from its config. Poolers the model never uses are not built, so DDP needs no unused-parameter search.
+    init from its config. With random_init_towers a hub name is built offline from HUB_TOWERS instead, as the hub
+    model's config would build it, vocabulary included (hand-set dimensions still apply). Poolers the model never
+    uses are not built, so DDP needs no unused-parameter search.
     """
     name = getattr(cfg, f"{modality}_tower")
     pretrained = getattr(cfg, f"{modality}_pretrained")
     families = TEXT_FAMILIES if modality == "text" else VISION_FAMILIES
     dims, rates = _tower_overrides(cfg, modality)
+    tower_key = f"{modality}_tower"
+    offline_fix = "give a local directory (save_pretrained output), a family name or random_init_towers=True"
+    from_table = cfg.random_init_towers and name not in families and not os.path.isdir(os.path.expanduser(name))
     if name in families:
         config = families[name]()
         pretrained = False
+    elif from_table:
+        if name not in HUB_TOWERS:
+            raise TowerLoadError(f"random_init_towers: {tower_key} '{name}' is not a hub model it knows "
+                                 f"({', '.join(HUB_TOWERS)}); give a family name and its dimensions instead")
+        family, hub_dims = HUB_TOWERS[name]
+        if family not in families:
+            raise TowerLoadError(f"random_init_towers: {tower_key} '{name}' is a {family} model, "
+                                 f"not a {modality} tower")
+        config = families[family](**hub_dims)
+        pretrained = False
     else:
-        try:
-            config = AutoConfig.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            where = "local directory" if os.path.isdir(name) else "hub name (offline? use a local directory)"
-            raise TowerLoadError(f"could not load {modality}_tower '{name}' as a {where}: "
-                                 f"{str(e).splitlines()[0]}") from None
+        config = from_hub_or_directory(AutoConfig.from_pretrained, name, tower_key, offline_fix)
     allowed = TEXT_MODEL_TYPES if modality == "text" else VISION_MODEL_TYPES
     if config.model_type not in allowed:
         kind = "text encoder of the BERT family" if modality == "text" else "transformer vision encoder"
@@ -90,7 +170,7 @@ def load_tower(cfg, modality, vocab_size=None):
         setattr(config, key, value)
     if mlp_ratio:
         config.intermediate_size = int(mlp_ratio * config.hidden_size)
-    if modality == "text" and not pretrained and vocab_size is not None:
+    if modality == "text" and not pretrained and vocab_size is not None and not from_table:
         config.vocab_size = vocab_size
     if modality == "vision" and not pretrained:
         config.image_size = cfg.image_size
@@ -100,10 +180,9 @@ def load_tower(cfg, modality, vocab_size=None):
     model_class = AutoModel._model_mapping[type(config)]
     kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
     if pretrained:
-        try:
-            return model_class.from_pretrained(name, config=config, **kwargs)
-        except OSError as e:
-            raise TowerLoadError(f"could not load {modality}_tower weights '{name}': {str(e).splitlines()[0]}") from None
+        return from_hub_or_directory(lambda path, **flags: model_class.from_pretrained(path, config=config, **kwargs,
+                                                                                        **flags),
+                                     name, f"{tower_key} weights", offline_fix)
     return model_class(config, **kwargs)
 
 

@@ -86,6 +86,7 @@ def main(argv):
     model = build_pretrain_model(cfg, len(tokenizer))
     apply_freezing(model, cfg)  # freeze, then checkpointing, then (in engine.train) DDP and the optimizer
     engine.require_trainable(model)  # an all-frozen model is refused before any data is read or generated
+    lr_scales = engine.lr_scales(cfg, model, engine.command_line_overrides(argv))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.to(dist.device)
@@ -98,7 +99,7 @@ def main(argv):
     prepare_batch = make_prepare_batch(cfg, data.TokenizerInfo.from_tokenizer(tokenizer), dist.device)
     evaluate = make_evaluate(cfg, dist, val_loader, prepare_batch) if val_loader else None
     engine.train(cfg, dist, model, loader, prepare_batch, evaluate,
-                 lr_scales={"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads})
+                 lr_scales=lr_scales)
     engine.cleanup_distributed()
 
 

@@ -19,4 +19,3 @@ image_mean = (0.5, 0.5, 0.5)
 image_std = (0.5, 0.5, 0.5)
 batch_size = 512
 micro_batch_size = 64  # 512 = 2 GPUs x 64 x 4 accumulation steps
-lr_mult_cross = 1.0  # no cross-modal layers: the whole stack is the fusion

@@ -273,18 +273,29 @@ def test_gpu_peak_table_takes_the_most_specific_name(monkeypatch, name, peak):
     assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16") is None
 
 
-def test_random_init_towers_builds_the_paper_models_exact_dimensions():
-    cfg, vocab = bench.random_init_towers(engine.Config())
-    assert (cfg.text_tower, cfg.vision_tower, cfg.tokenizer, vocab) == (
-        "electra", "deit", "google/electra-small-discriminator", 30522)
-    encoder = build_encoder(cfg, vocab)  # no hub access: the tests run with HF_HUB_OFFLINE=1
+def test_random_init_towers_builds_the_hub_models_exact_dimensions():
+    cfg = engine.Config(random_init_towers=True)  # the paper's towers: ELECTRA-Small and DeiT-Tiny, by hub name
+    encoder = build_encoder(cfg, 1000)  # no hub access: the tests run with HF_HUB_OFFLINE=1
     text, vision = encoder.text_tower.config, encoder.vision_tower.config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size,
-            text.embedding_size, text.vocab_size) == (256, 12, 4, 1024, 128, 30522)
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size,
-            vision.patch_size, vision.image_size) == (192, 12, 3, 768, 16, 224)
-    with pytest.raises(ValueError, match="vision_tower 'someone/vit-huge'"):
-        bench.random_init_towers(engine.Config(vision_tower="someone/vit-huge"))
+    assert (text.model_type, text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+            text.intermediate_size, text.embedding_size, text.vocab_size) == ("electra", 256, 12, 4, 1024, 128, 30522)
+    assert (vision.model_type, vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads,
+            vision.intermediate_size, vision.patch_size, vision.image_size) == ("deit", 192, 12, 3, 768, 16, 224)
+    one_tower = build_encoder(dataclasses.replace(cfg, model_type="one_tower", onetower_stack="vision",
+                                                  vision_tower="google/vit-base-patch16-224-in21k"), 1000)
+    assert one_tower.stack_config.hidden_size == 768 and len(one_tower.layers) == 12
+    with pytest.raises(ValueError, match="random_init_towers: vision_tower 'someone/vit-huge'"):
+        build_encoder(dataclasses.replace(cfg, vision_tower="someone/vit-huge"), 1000)
+    with pytest.raises(ValueError, match="vision_tower 'bert-base-uncased' is a bert model, not a vision tower"):
+        build_encoder(dataclasses.replace(cfg, text_tower="bert-base-uncased", vision_tower="bert-base-uncased"), 1000)
+
+
+def test_random_data_skips_the_tokenizer_only_for_a_hub_text_tower_built_offline():
+    random, loader = SimpleNamespace(data="random"), SimpleNamespace(data="loader")
+    assert not bench.needs_tokenizer(engine.Config(random_init_towers=True), random)  # ELECTRA-Small's own
+    assert bench.needs_tokenizer(engine.Config(), random)  # real towers: the tokenizer is loaded
+    assert bench.needs_tokenizer(engine.Config(random_init_towers=True, tokenizer="synthetic"), random)
+    assert bench.needs_tokenizer(engine.Config(random_init_towers=True), loader)
 
 
 def test_bench_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):

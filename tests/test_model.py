@@ -2,6 +2,9 @@
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from model import (Embedded, EncoderOutput, MLMHead, OneTowerEncoder, PretrainMo
 from processes import join_spawned
 from tiny import tiny_config
 
+ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 60
 B, T = 3, 7
 
@@ -161,6 +165,30 @@ def test_unreachable_tower_is_one_clear_line():
         load_tower(cfg, "text", VOCAB)
     message = str(err.value)
     assert "google/electra-small-discriminator" in message and "\n" not in message
+
+
+def test_missing_local_directory_is_named_as_one(tmp_path):
+    for modality in ("text", "vision"):
+        with pytest.raises(TowerLoadError) as err:
+            load_tower(tiny_config(**{f"{modality}_tower": str(tmp_path / "electra-small")}), modality, VOCAB)
+        assert str(err.value) == f"{modality}_tower: directory '{tmp_path / 'electra-small'}' does not exist"
+
+
+def test_unreachable_hub_fails_within_seconds_saying_what_to_do(tmp_path):
+    """HF_HUB_OFFLINE unset, an empty cache and a hub that refuses connections (transformers alone retries for
+    over 20 s): one request, no retries, and the way out. Timed in the child after its imports."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens on port 9
+    code = ("import time, engine, model\nstart = time.monotonic()\n"
+            "try:\n    model.load_tower(engine.Config(), 'text')\n"
+            "except model.TowerLoadError as e:\n    print(time.monotonic() - start)\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    seconds, message = done.stdout.strip().split("\n")
+    assert float(seconds) < 20
+    assert message.startswith("could not load text_tower 'google/electra-small-discriminator': the Hugging Face "
+                              "hub (http://127.0.0.1:9) is unreachable")
+    assert "local directory (save_pretrained output)" in message and "random_init_towers=True" in message
 
 
 def test_hand_set_dimensions_with_pretrained_weights_refused(tmp_path):

@@ -180,6 +180,35 @@ def test_learning_rate_multipliers_reach_the_optimizer():
     assert ("cross_modal", True) in decay and ("cross_modal", False) in decay
 
 
+@pytest.mark.parametrize("stack", ["text", "vision"])
+def test_one_tower_pretraining_runs_with_the_lr_multipliers_of_its_groups(stack, data_root, tmp_path):
+    """A one-tower model has no cross-modal layers: lr_mult_cross from a config file (here freeze_none.py's 5.0,
+    as every paper config inherits it) is left out, lr_mult_heads still applies."""
+    config = tmp_path / "onetower.py"
+    config.write_text(f'include("{ROOT / "configs" / "freeze_none.py"}")\nmodel_type = "one_tower"\n'
+                      f'onetower_stack = "{stack}"\nlr_mult_heads = 3.0\n')
+    out = tmp_path / "run"
+    pretrain.main([str(config), *TINY_RUN, *NO_DROPOUT, f"--data_root={data_root}", f"--out_dir={out}",
+                   "--max_steps=2", "--ckpt_interval=2", "--eval_interval=2", "--dtype=float32", "--num_workers=0"])
+    train, val = read_log(out)
+    assert [r["step"] for r in train] == [1, 2] and val
+    groups = torch.load(out / "ckpt_2.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {(g["name"], g["lr_scale"]) for g in groups} == {("embeddings", 1.0), ("stack", 1.0), ("heads", 3.0)}
+
+
+def test_lr_multiplier_of_a_missing_group_on_the_command_line_is_refused(data_root, tmp_path):
+    model = build_pretrain_model(tiny_config(model_type="one_tower"), 50)
+    assert engine.lr_scales(tiny_config(model_type="one_tower"), model) == {"heads": 5.0}
+    two_tower = build_pretrain_model(tiny_config(lr_mult_cross=2.0), 50)
+    assert engine.lr_scales(tiny_config(lr_mult_cross=2.0), two_tower, {"lr_mult_cross": 2.0}) == {
+        "cross_modal": 2.0, "heads": 5.0}
+    with pytest.raises(engine.ConfigError, match="lr_mult_cross is set on the command line, but this one_tower "
+                                                 "model has no 'cross_modal' group"):
+        pretrain.main([*TINY_RUN, "--model_type=one_tower", "--lr_mult_cross=2", f"--data_root={data_root}",
+                       f"--out_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()  # refused before any data work or output
+
+
 PAPER_CONFIGS = ["freeze_none.py", "freeze_text.py", "freeze_vision.py", "freeze_both.py", "frozen_base.py",
                  "onetower_random.py", "onetower_bert.py", "onetower_vit.py"]
 
