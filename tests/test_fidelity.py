@@ -288,7 +288,8 @@ def differences_table():
 
 
 def literal(cell):
-    match = re.fullmatch(r"`(.+)`", cell.strip())
+    """'`value`', optionally followed by a remark in parentheses -> the Python value."""
+    match = re.fullmatch(r"`([^`]+)`(\s*\(.*\))?", cell.strip())
     assert match, f"not a single `literal`: {cell!r}"
     return ast.literal_eval(match[1])
 
