@@ -863,10 +863,14 @@ def build_transform(cfg, train=True):
     """PIL image -> uint8 tensor (3, image_size, image_size). The model normalises it with image_mean and
     image_std on its device (model.PixelNormalize), so loader workers do no float work and send a quarter of the
     bytes. With cfg.augment (training only): a mild random resized crop and no horizontal flip, because a flip
-    would make captions with 'left of' / 'on the right' false."""
+    would make captions with 'left of' / 'on the right' false. Otherwise cfg.image_resize: "squash" resizes to
+    the square, "crop" resizes the shorter side bicubically and centre-crops the square (the original's)."""
     size = (cfg.image_size, cfg.image_size)
     if cfg.augment and train:
         resize = v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True)
+    elif cfg.image_resize == "crop":
+        resize = v2.Compose([v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                             v2.CenterCrop(size)])
     else:
         resize = v2.Resize(size, antialias=True)
     return v2.Compose([v2.ToImage(), resize, v2.ToPureTensor()])

@@ -70,7 +70,9 @@ class Config:
     cross_heads: int = 4  # two-tower: cross-modal attention heads
     cross_mlp_ratio: float = 4.0  # two-tower: cross-modal MLP width / hidden size
     cross_dropout: float = 0.1  # two-tower: cross-modal dropout rate
+    cross_layer_type: str = "meter"  # two-tower: "lxmert" (the paper's: cross-attention shared by both streams, then self-attention, FFN; post-LN) or "meter" (per-stream self-attention, cross-attention, FFN; pre-LN)
     onetower_stack: str = "text"  # one-tower: take the encoder stack from the "text" or the "vision" tower
+    onetower_embeddings: str = "tower"  # one-tower: "tower" reuses the stack model's embeddings for its modality; "fresh" (the paper's) builds new random word and patch embeddings and reuses only the layers
     pooling: str = "double"  # one-tower: "double" (text CLS + image CLS) or "single" (first CLS only)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     # freezing
@@ -80,6 +82,7 @@ class Config:
     freeze_modules: list[str] = field(default_factory=list)  # further modules to freeze, by dotted name
     text_trainable_top: int = -1  # train only the top k text layers (-1 = all)
     vision_trainable_top: int = -1  # train only the top k vision layers (-1 = all)
+    frozen_dropout: bool = False  # keep dropout on in frozen modules during training (the original's behaviour; default: frozen modules run in eval mode)
     # data
     data_root: str = "data"  # root of the raw dataset folders
     corpora: list[str] = field(default_factory=lambda: ["coco", "vg"])  # any of coco, coco_official, vg, cc3m, sbu, synthetic
@@ -91,6 +94,7 @@ class Config:
     synthetic_seed: int = 0  # seed of the synthetic world (separate from seed, so training seeds share one world)
     synthetic_image_size: int = 64  # side in pixels of the rendered synthetic pictures
     image_size: int = 224  # image side in pixels after the transform
+    image_resize: str = "squash"  # "squash": resize to image_size x image_size; "crop" (the original's): shorter side to image_size, bicubic, then centre crop
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation standard deviation
     augment: bool = False  # random resized crop of training images (no flip: it would falsify "left of" captions)
@@ -144,7 +148,9 @@ KEY_TYPES = typing.get_type_hints(Config)
 CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "lr_decay": ("linear", "cosine"),
            "matmul_precision": ("highest", "high", "medium"),
            "model_type": ("two_tower", "one_tower"), "onetower_stack": ("text", "vision"),
-           "pooling": ("double", "single"), "pretrain_pass": ("separate", "shared")}
+           "pooling": ("double", "single"), "pretrain_pass": ("separate", "shared"),
+           "cross_layer_type": ("lxmert", "meter"), "onetower_embeddings": ("tower", "fresh"),
+           "image_resize": ("squash", "crop")}
 AT_LEAST_ONE = ("batch_size", "micro_batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches",
                 "ckpt_interval", "keep_checkpoints")
 
@@ -283,6 +289,8 @@ def validate(cfg, world_size=1):
     if cfg.vision_feature_cache and (cfg.model_type != "two_tower" or not cfg.freeze_vision or cfg.augment):
         raise ConfigError(f"vision_feature_cache needs model_type='two_tower', freeze_vision=True and augment=False "
                           f"(got {cfg.model_type!r}, {cfg.freeze_vision}, {cfg.augment})")
+    if cfg.image_resize == "crop" and cfg.task.startswith("refcoco"):
+        raise ConfigError(f"image_resize='crop' would cut off boxes of task={cfg.task!r}: use image_resize='squash'")
     fractions = {"min_lr_ratio": cfg.min_lr_ratio, "mlm_prob": cfg.mlm_prob, "itm_neg_prob": cfg.itm_neg_prob,
                  "betas[0]": cfg.betas[0], "betas[1]": cfg.betas[1]}
     for key, value in fractions.items():

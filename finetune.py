@@ -37,8 +37,8 @@ ARCHITECTURE_KEYS = (
     "model_type", "text_tower", "text_pretrained", "vision_tower", "vision_pretrained", "tokenizer",
     "text_hidden_size", "text_layers", "text_heads", "text_mlp_ratio", "text_embedding_size",
     "vision_hidden_size", "vision_layers", "vision_heads", "vision_mlp_ratio", "patch_size",
-    "cross_layers", "cross_hidden", "cross_heads", "cross_mlp_ratio", "onetower_stack", "pooling",
-    "image_mean", "image_std")
+    "cross_layers", "cross_hidden", "cross_heads", "cross_mlp_ratio", "cross_layer_type", "onetower_stack",
+    "onetower_embeddings", "pooling", "image_mean", "image_std")
 PRETRAINING_HEADS = ("mlm_head.", "itm_head.")  # in a pretraining checkpoint, unused by downstream models
 NEW_HEAD = "head."  # every downstream model's head (tasks/)
 

@@ -3,7 +3,7 @@
 Two model types, one output contract (`EncoderOutput`), so heads and losses never care which built it:
 
   OneTowerEncoder  word pieces + image patches -> one joint sequence -> one transformer stack
-  TwoTowerEncoder  text tower + vision tower -> co-attention cross-modal layers (METER-style)
+  TwoTowerEncoder  text tower + vision tower -> co-attention cross-modal layers (LXMERT's or METER's)
 
 Both expose the same three steps: `encode_text`, `encode_image`, `fuse`. `forward` is the three in a row.
 On top sit the heads (MLM, ITM, classifier), `PretrainModel` (MLM + ITM losses) and `TaskModel`
@@ -218,6 +218,20 @@ def requires_grad(module):
     return any(p.requires_grad for p in module.parameters())
 
 
+def init_bert_style(module):
+    """BERT's initialisation, as the original gives every module it adds: Linear and Embedding weights
+    N(0, 0.02) with zero biases, LayerNorm weight 1 and bias 0. Returns the module."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
 # -----------------------------------------------------------------------------
 # The output contract
 
@@ -375,7 +389,7 @@ class Attention(nn.Module):
 
 
 class CrossModalBlock(nn.Module):
-    """One stream's half of a co-attention layer.
+    """One stream's half of a METER-style co-attention layer (cross_layer_type="meter").
 
     Ordering is METER's (self-attention, cross-attention, feed-forward), each stream with its own weights,
     written pre-LayerNorm because these layers usually start from random init and pre-LN trains stably there.
@@ -403,7 +417,7 @@ class CrossModalBlock(nn.Module):
 
 
 class CrossModalLayer(nn.Module):
-    """Both streams update at once, each attending to the other's input to this layer (co-attention)."""
+    """METER-style: both streams update at once, each attending to the other's input to this layer (co-attention)."""
 
     def __init__(self, dim, heads, mlp_ratio, dropout):
         super().__init__()
@@ -415,19 +429,75 @@ class CrossModalLayer(nn.Module):
                 self.image(v, v_mask, t, t_mask, cls_only="image" in cls_only))
 
 
+LXMERT_LN_EPS = 1e-12  # BERT's and LXMERT's LayerNorm epsilon
+
+
+class LxmertStream(nn.Module):
+    """One stream's own part of an LXMERT cross layer: self-attention, then feed-forward, each post-LayerNorm
+    (sublayer, dropout, residual, then the norm), as BERT and LXMERT write them."""
+
+    def __init__(self, dim, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.self_attn, self.norm_self = Attention(dim, heads, dropout), nn.LayerNorm(dim, eps=LXMERT_LN_EPS)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
+        self.norm_mlp = nn.LayerNorm(dim, eps=LXMERT_LN_EPS)
+        self.drop = Dropout(dropout)
+
+    def forward(self, x, x_mask, cls_only=False):
+        # x (B, T, D): the stream after cross-attention -> (B, T, D), or (B, 1, D) with cls_only
+        q = x[:, :1] if cls_only else x  # the CLS row still attends to every row; only it is updated
+        x = self.norm_self(q + self.drop(self.self_attn(q, x, x_mask)))
+        return self.norm_mlp(x + self.drop(self.mlp(x)))
+
+
+class LxmertCrossModalLayer(nn.Module):
+    """LXMERT's cross layer (cross_layer_type="lxmert", the paper's): cross-attention, then self-attention,
+    then feed-forward, per stream, post-LayerNorm. ONE cross-attention module (with its output norm) serves
+    both directions: text attends to the image stream and the image to the text, both with the same weights,
+    both reading this layer's inputs (co-attention). Self-attention and feed-forward are per stream."""
+
+    def __init__(self, dim, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.cross_attn, self.norm_cross = Attention(dim, heads, dropout), nn.LayerNorm(dim, eps=LXMERT_LN_EPS)
+        self.drop = Dropout(dropout)
+        self.text = LxmertStream(dim, heads, mlp_ratio, dropout)
+        self.image = LxmertStream(dim, heads, mlp_ratio, dropout)
+
+    def attend_across(self, x, other, other_mask):  # (B, T, D) attends to (B, S, D) -> (B, T, D)
+        return self.norm_cross(x + self.drop(self.cross_attn(x, other, other_mask)))
+
+    def forward(self, t, t_mask, v, v_mask, cls_only=()):
+        # every row goes through cross-attention (self-attention reads them all); cls_only trims after it
+        t_cross, v_cross = self.attend_across(t, v, v_mask), self.attend_across(v, t, t_mask)
+        return (self.text(t_cross, t_mask, cls_only="text" in cls_only),
+                self.image(v_cross, v_mask, cls_only="image" in cls_only))
+
+
+CROSS_LAYER_TYPES = {"lxmert": LxmertCrossModalLayer, "meter": CrossModalLayer}
+
+
 class TwoTowerEncoder(nn.Module):
     """Text tower + vision tower, projected to the cross-modal width, joined by co-attention layers."""
 
-    def __init__(self, text_tower, vision_tower, dim, layers, heads, mlp_ratio, dropout, image_mean, image_std):
+    def __init__(self, text_tower, vision_tower, dim, layers, heads, mlp_ratio, dropout, image_mean, image_std,
+                 layer_type="meter"):
         super().__init__()
+        if layer_type not in CROSS_LAYER_TYPES:
+            raise TowerLoadError(f"cross_layer_type must be one of {', '.join(CROSS_LAYER_TYPES)}, not '{layer_type}'")
         self.text_tower, self.vision_tower = text_tower, vision_tower
         self.pixel_norm = PixelNormalize(image_mean, image_std)
         self.text_proj = nn.Linear(text_tower.config.hidden_size, dim)
         self.image_proj = nn.Linear(vision_tower.config.hidden_size, dim)
         self.modality_type = nn.Embedding(3, dim)  # 0 text, 1 image, 2 second image (NLVR2)
-        self.cross_layers = nn.ModuleList([CrossModalLayer(dim, heads, mlp_ratio, dropout) for _ in range(layers)])
-        self.text_norm, self.image_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        layer_class = CROSS_LAYER_TYPES[layer_type]
+        self.cross_layers = nn.ModuleList([layer_class(dim, heads, mlp_ratio, dropout) for _ in range(layers)])
+        # pre-LN layers need a final norm; post-LN ones (LXMERT) end normalised, and the original adds none
+        final_norm = (lambda: nn.LayerNorm(dim)) if layer_type == "meter" else nn.Identity
+        self.text_norm, self.image_norm = final_norm(), final_norm()
         self.text_pooler, self.image_pooler = Pooler(dim), Pooler(dim)
+        for part in (self.text_proj, self.image_proj, self.modality_type, self.cross_layers, self.text_norm,
+                     self.image_norm, self.text_pooler, self.image_pooler):
+            init_bert_style(part)
         self.dim = dim
         self.pooled_dim = 2 * dim
         self.gradient_checkpointing = False
@@ -549,11 +619,20 @@ def interpolate_positions(position, grid):
 
 class OneTowerEncoder(nn.Module):
     """Word pieces and image patches (each with positions and a modality-type embedding) concatenated into
-    one sequence with a joint attention mask, through the transformer layers of a text or vision model."""
+    one sequence with a joint attention mask, through the transformer layers of a text or vision model.
+
+    embeddings="tower": the stack's own model supplies its modality's embeddings (and a vision stack its
+    final LayerNorm); only the other modality's are new. embeddings="fresh" (the paper's): both are new and
+    randomly initialised, and only the transformer layers come from the stack's model.
+    """
+
+    EMBEDDINGS = ("tower", "fresh")
 
     def __init__(self, stack, stack_modality, vocab_size, image_size, patch_size, max_text_len, pooling, image_mean,
-                 image_std):
+                 image_std, embeddings="tower"):
         super().__init__()
+        if embeddings not in self.EMBEDDINGS:
+            raise TowerLoadError(f"onetower_embeddings must be one of {', '.join(self.EMBEDDINGS)}, not '{embeddings}'")
         self.pixel_norm = PixelNormalize(image_mean, image_std)
         config = stack.config
         dim = config.hidden_size
@@ -561,22 +640,26 @@ class OneTowerEncoder(nn.Module):
         if getattr(config, "use_relative_position_bias", False) or getattr(config, "use_shared_relative_position_bias", False):
             raise TowerLoadError(f"{config.model_type} with relative position bias is tied to its patch grid and "
                                  "cannot run a joint text+image sequence; use it as a two-tower vision tower")
-        if stack_modality == "text":
+        reuse = embeddings == "tower"
+        if reuse and stack_modality == "text":
             self.text_embeddings = stack.embeddings  # word + position + token type, then LayerNorm
             self.text_embeddings_project = getattr(stack, "embeddings_project", None)  # ELECTRA's small embeddings
-            self.image_embeddings = PatchEmbeddings(image_size, patch_size, dim, dropout)
         else:
             self.text_embeddings = TextEmbeddings(vocab_size, dim, max(max_text_len, 512), dropout)
             self.text_embeddings_project = None
+        if reuse and stack_modality == "vision":
             self.image_embeddings = stack.embeddings  # patches + CLS + positions
+        else:
+            self.image_embeddings = PatchEmbeddings(image_size, patch_size, dim, dropout)
         self.stack_modality = stack_modality
         self.layers = tower_layers(stack)
-        self.final_norm = getattr(stack, "layernorm", None)  # pre-LN vision stacks end with a norm; BERT does not
+        # pre-LN vision stacks end with a norm, BERT does not; with fresh embeddings only the layers are reused
+        self.final_norm = getattr(stack, "layernorm", None) if reuse else None
         self.stack_config = config
-        self.modality_type = nn.Embedding(3, dim)  # 0 text, 1 image, 2 second image (NLVR2)
+        self.modality_type = init_bert_style(nn.Embedding(3, dim))  # 0 text, 1 image, 2 second image (NLVR2)
         self.pooling = pooling
-        self.text_pooler = Pooler(dim)
-        self.image_pooler = Pooler(dim) if pooling == "double" else None
+        self.text_pooler = init_bert_style(Pooler(dim))
+        self.image_pooler = init_bert_style(Pooler(dim)) if pooling == "double" else None
         self.dim = dim
         self.pooled_dim = 2 * dim if pooling == "double" else dim
         self.gradient_checkpointing = False
@@ -600,11 +683,11 @@ class OneTowerEncoder(nn.Module):
 
     def encode_image(self, pixel_values, image_type=1):  # (B, 3, H, W) -> Embedded (B, 1 + P, D)
         pixel_values = self.pixel_norm(pixel_values)
-        if self.stack_modality == "vision":
+        if isinstance(self.image_embeddings, PatchEmbeddings):
+            v = self.image_embeddings(pixel_values)
+        else:  # the vision stack's own embeddings
             size_differs = pixel_values.shape[-1] != self.stack_config.image_size
             v = self.image_embeddings(pixel_values, **({"interpolate_pos_encoding": True} if size_differs else {}))
-        else:
-            v = self.image_embeddings(pixel_values)
         v = v + self.modality_type.weight[image_type]
         return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device), unpadded=True)
 
@@ -649,14 +732,16 @@ def build_encoder(cfg, vocab_size):
             raise TowerLoadError(f"tokenizer has {vocab_size} tokens but text_tower '{cfg.text_tower}' only "
                                  f"{text.config.vocab_size} embeddings")
         return TwoTowerEncoder(text, vision, cfg.cross_hidden, cfg.cross_layers, cfg.cross_heads,
-                               cfg.cross_mlp_ratio, cfg.cross_dropout, cfg.image_mean, cfg.image_std)
+                               cfg.cross_mlp_ratio, cfg.cross_dropout, cfg.image_mean, cfg.image_std,
+                               cfg.cross_layer_type)
     if cfg.model_type == "one_tower":
         if cfg.onetower_stack not in ("text", "vision"):
             raise TowerLoadError(f"onetower_stack must be 'text' or 'vision', not '{cfg.onetower_stack}'")
         stack = load_tower(cfg, cfg.onetower_stack, vocab_size)
         patch = cfg.patch_size if cfg.patch_size > 0 else getattr(stack.config, "patch_size", 16)
         return OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
-                               cfg.max_text_len, cfg.pooling, cfg.image_mean, cfg.image_std)
+                               cfg.max_text_len, cfg.pooling, cfg.image_mean, cfg.image_std,
+                               cfg.onetower_embeddings)
     raise TowerLoadError(f"model_type must be 'two_tower' or 'one_tower', not '{cfg.model_type}'")
 
 
@@ -671,6 +756,7 @@ class MLMHead(nn.Module):
         super().__init__()
         self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
         self.decoder = nn.Linear(dim, vocab_size)
+        init_bert_style(self)
 
     def forward(self, text_feats, positions):  # (B, T, D), (N,) indices into the B*T positions -> (N, V)
         # Gathering first avoids paying the vocabulary projection for ~85% of positions that carry no label.
@@ -685,26 +771,30 @@ class ClassifierHead(nn.Module):
         hidden_dim = hidden_dim or 2 * in_dim
         self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU(),
                                  nn.Linear(hidden_dim, num_classes))
+        init_bert_style(self)
 
     def forward(self, x):  # (B, in_dim) -> (B, num_classes)
         return self.net(x)
 
 
 # -----------------------------------------------------------------------------
-# Freezing (explicit requires_grad, frozen parts kept in eval mode) and checkpointing
+# Freezing (explicit requires_grad, frozen parts kept in eval mode unless frozen_dropout) and checkpointing
 
 
 class FreezableModel(nn.Module):
-    """Base of the top-level models: named module groups, and frozen modules that stay in eval mode."""
+    """Base of the top-level models: named module groups, and frozen modules that stay in eval mode (with
+    frozen_dropout they follow train/eval like the rest, so their dropout is on in training, as the original)."""
 
     def __init__(self):
         super().__init__()
         self.frozen_modules = []  # dotted names, set by apply_freezing
+        self.frozen_dropout = False  # set by apply_freezing: True leaves frozen modules in the caller's mode
 
     def train(self, mode=True):
         super().train(mode)
-        for name in self.frozen_modules:  # no dropout or batch statistics in a frozen module, whatever the caller asks
-            self.get_submodule(name).eval()
+        if not self.frozen_dropout:  # no dropout or batch statistics in a frozen module, whatever the caller asks
+            for name in self.frozen_modules:
+                self.get_submodule(name).eval()
         return self
 
     def module_groups(self):
@@ -766,6 +856,7 @@ def apply_freezing(model, cfg):
     for name in frozen:
         model.get_submodule(name).requires_grad_(False)
     model.frozen_modules = list(dict.fromkeys(frozen))
+    model.frozen_dropout = cfg.frozen_dropout  # True: the original's behaviour, dropout on in frozen towers
     model.train(model.training)
 
 
@@ -829,7 +920,7 @@ class PretrainModel(FreezableModel):
         self.mlm_weight, self.itm_weight = mlm_weight, itm_weight
         self.pretrain_pass = pretrain_pass
         self.mlm_head = MLMHead(encoder.dim, vocab_size) if mlm_weight > 0 else None
-        self.itm_head = nn.Linear(encoder.pooled_dim, 2) if itm_weight > 0 else None
+        self.itm_head = init_bert_style(nn.Linear(encoder.pooled_dim, 2)) if itm_weight > 0 else None
 
     def heads(self):
         return [h for h in (self.mlm_head, self.itm_head) if h is not None]

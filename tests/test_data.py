@@ -23,8 +23,8 @@ import data  # noqa: E402
 def make_cfg(tmp_path, **overrides):
     values = dict(data_root=str(tmp_path / "data"), corpora=["synthetic"], coco_dir="", vg_dir="", cc3m_dir="",
                   sbu_dir="", synthetic_images=12, synthetic_seed=0, synthetic_image_size=32, image_size=16,
-                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), augment=False, tokenizer="synthetic",
-                  text_tower="bert", max_text_len=40, micro_batch_size=4, num_workers=0,
+                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), image_resize="squash", augment=False,
+                  tokenizer="synthetic", text_tower="bert", max_text_len=40, micro_batch_size=4, num_workers=0,
                   strict_images=False)
     values.update(overrides)
     return SimpleNamespace(**values)
