@@ -11,14 +11,17 @@ On top sit the heads (MLM, ITM, classifier), `PretrainModel` (MLM + ITM losses) 
 """
 
 import inspect
+import json
 import math
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_model
 from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, AutoModel, BeitConfig, BertConfig, DeiTConfig, ElectraConfig,
                           RobertaConfig, ViTConfig)
@@ -56,20 +59,26 @@ def _tower_overrides(cfg, modality):
     return dims, rates
 
 
-def load_tower(cfg, modality, vocab_size=None):
+def load_tower(cfg, modality, vocab_size=None, saved_config=None):
     """Build the text or vision tower named by `cfg.<modality>_tower`.
 
     Three ways: a family name ("bert", "vit", ...) -> random init with the config's hand-set dimensions;
     a hub name or local directory with `<modality>_pretrained=True` -> its weights; with False -> random
     init from its config. Poolers the model never uses are not built, so DDP needs no unused-parameter search.
+    saved_config: the tower's Hugging Face config dict as a checkpoint recorded it (tower_configs): the tower
+    is rebuilt from it, at random, for the checkpoint's weights, with no access to the tower's source.
     """
     name = getattr(cfg, f"{modality}_tower")
     pretrained = getattr(cfg, f"{modality}_pretrained")
     families = TEXT_FAMILIES if modality == "text" else VISION_FAMILIES
     dims, rates = _tower_overrides(cfg, modality)
     if name in families:
-        config = families[name]()
         pretrained = False
+    if saved_config is not None:
+        config = AutoConfig.for_model(**saved_config)
+        dims = {}  # the recorded config already has the sizes it was built with
+    elif name in families:
+        config = families[name]()
     else:
         try:
             config = AutoConfig.from_pretrained(name)
@@ -97,14 +106,20 @@ def load_tower(cfg, modality, vocab_size=None):
         if cfg.patch_size > 0:
             config.patch_size = cfg.patch_size
     config._attn_implementation = "sdpa"
-    model_class = AutoModel._model_mapping[type(config)]
-    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
-    if pretrained:
+    model_class, kwargs = _tower_class(config)
+    if pretrained and saved_config is None:
         try:
             return model_class.from_pretrained(name, config=config, **kwargs)
         except OSError as e:
             raise TowerLoadError(f"could not load {modality}_tower weights '{name}': {str(e).splitlines()[0]}") from None
     return model_class(config, **kwargs)
+
+
+def _tower_class(config):
+    """The Hugging Face model class of `config`, and the keyword that leaves out a pooler the model never uses."""
+    model_class = AutoModel._model_mapping[type(config)]
+    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
+    return model_class, kwargs
 
 
 def _layers_path(tower):
@@ -519,11 +534,14 @@ class OneTowerEncoder(nn.Module):
         return self.fuse(text, image)
 
 
-def build_encoder(cfg, vocab_size):
-    """The encoder the config describes. `vocab_size` is the tokenizer's, used by randomly initialised text sides."""
+def build_encoder(cfg, vocab_size, tower_configs=None):
+    """The encoder the config describes. `vocab_size` is the tokenizer's, used by randomly initialised text sides.
+    tower_configs: {modality: Hugging Face config dict} a checkpoint recorded (FreezableModel.tower_configs); the
+    towers are then built from those, not from the hub or a directory, ready for the checkpoint's weights."""
+    saved = tower_configs or {}
     if cfg.model_type == "two_tower":
-        text = load_tower(cfg, "text", vocab_size)
-        vision = load_tower(cfg, "vision")
+        text = load_tower(cfg, "text", vocab_size, saved.get("text"))
+        vision = load_tower(cfg, "vision", saved_config=saved.get("vision"))
         if vocab_size > text.config.vocab_size:
             raise TowerLoadError(f"tokenizer has {vocab_size} tokens but text_tower '{cfg.text_tower}' only "
                                  f"{text.config.vocab_size} embeddings")
@@ -532,11 +550,29 @@ def build_encoder(cfg, vocab_size):
     if cfg.model_type == "one_tower":
         if cfg.onetower_stack not in ("text", "vision"):
             raise TowerLoadError(f"onetower_stack must be 'text' or 'vision', not '{cfg.onetower_stack}'")
-        stack = load_tower(cfg, cfg.onetower_stack, vocab_size)
+        stack = load_tower(cfg, cfg.onetower_stack, vocab_size, saved.get(cfg.onetower_stack))
         patch = cfg.patch_size if cfg.patch_size > 0 else getattr(stack.config, "patch_size", 16)
         return OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
                                cfg.max_text_len, cfg.pooling)
     raise TowerLoadError(f"model_type must be 'two_tower' or 'one_tower', not '{cfg.model_type}'")
+
+
+def hf_towers(encoder):
+    """{modality: Hugging Face model} of an encoder's towers, sharing the encoder's parameters: a two-tower
+    encoder's own two; for a one-tower encoder its stack, reassembled into the Hugging Face model it came from
+    (its own modality's embeddings, the layers, the final norm), which export.py saves with save_pretrained."""
+    if isinstance(encoder, TwoTowerEncoder):
+        return {"text": encoder.text_tower, "vision": encoder.vision_tower}
+    model_class, kwargs = _tower_class(encoder.stack_config)
+    with torch.device("meta"):  # every parameter is replaced by the encoder's below
+        tower = model_class(encoder.stack_config, **kwargs)
+    tower.embeddings = encoder.text_embeddings if encoder.stack_modality == "text" else encoder.image_embeddings
+    if encoder.text_embeddings_project is not None:
+        tower.embeddings_project = encoder.text_embeddings_project
+    tower.set_submodule(_layers_path(tower), encoder.layers)
+    if encoder.final_norm is not None:
+        tower.layernorm = encoder.final_norm
+    return {encoder.stack_modality: tower}
 
 
 # -----------------------------------------------------------------------------
@@ -586,6 +622,14 @@ class FreezableModel(nn.Module):
         for name in self.frozen_modules:  # no dropout or batch statistics in a frozen module, whatever the caller asks
             self.get_submodule(name).eval()
         return self
+
+    def tower_configs(self):
+        """{modality: Hugging Face config dict} of the towers inside: what build_encoder needs to rebuild them
+        without their source (checkpoints record it)."""
+        encoder = self.encoder
+        if isinstance(encoder, TwoTowerEncoder):
+            return {"text": encoder.text_tower.config.to_dict(), "vision": encoder.vision_tower.config.to_dict()}
+        return {encoder.stack_modality: encoder.stack_config.to_dict()}
 
     def module_groups(self):
         groups = dict(self.encoder.module_groups())
@@ -844,3 +888,32 @@ def resize_position_embeddings(state_dict, model):
             table = F.interpolate(table, size=(new_side, new_side), mode="bicubic", align_corners=False)
             resized[key] = torch.cat([table.reshape(-1, new_side * new_side).T.to(value.dtype), value[-3:]])
     return resized
+
+
+# -----------------------------------------------------------------------------
+# Exported models (export.py writes them): no tower source needed to load one
+
+EXPORT_WEIGHTS = "model.safetensors"  # the whole model's state dict: towers, fusion layers, heads
+EXPORT_CONFIG = "vlenc.json"  # {"config": the run's resolved config, "tower_configs", "vocab_size", "labels", ...}
+
+
+def build_run_model(cfg, vocab_size, tower_configs=None, labels=None):
+    """The model a run trains, untrained: its task's model (cfg.task, whose outputs mean `labels`) or, without a
+    task, the pretraining model; towers from `tower_configs` when given (see build_encoder)."""
+    encoder = build_encoder(cfg, vocab_size, tower_configs)
+    if cfg.task:
+        import tasks  # tasks builds on this module: imported here, where a task's model is wanted
+        return tasks.get_task(cfg.task).build_model(encoder, labels)
+    return PretrainModel(encoder, vocab_size, cfg.mlm_weight, cfg.itm_weight, cfg.pretrain_pass)
+
+
+def load_exported(directory):
+    """(model in eval mode, the run's resolved config as a dict) from an export.py directory, built from the
+    towers' recorded Hugging Face configs alone (no hub, no tower directory) and loaded strictly from the
+    safetensors file. A pretraining export gives a PretrainModel; a fine-tuning one its task's model."""
+    with open(os.path.join(directory, EXPORT_CONFIG)) as f:
+        saved = json.load(f)
+    model = build_run_model(SimpleNamespace(**saved["config"]), saved["vocab_size"], saved["tower_configs"],
+                            saved["labels"])
+    load_model(model, os.path.join(directory, EXPORT_WEIGHTS), strict=True)
+    return model.eval(), saved["config"]
