@@ -696,12 +696,12 @@ def tracked_scalars(record):
 
 
 class TensorBoardTracker:
-    """Scalars in out_dir/tensorboard. A resumed run first drops the events logged after its checkpoint's step
-    (purge_step), as _truncate_log drops those lines of log.jsonl."""
+    """Scalars in out_dir/tensorboard. A run resumed at step s first drops the events logged after s (purge_step:
+    those at s + 1 and later), as _truncate_log drops those lines of log.jsonl."""
 
     def __init__(self, cfg, step):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=step or None)
+        self.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=step + 1 if step else None)
 
     def log(self, record):
         for tag, value in tracked_scalars(record).items():
