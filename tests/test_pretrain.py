@@ -3,6 +3,8 @@ weights and learning-rate multipliers, the schedule in optimizer steps, and clea
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,22 +98,75 @@ def test_resume_is_exact(tmp_path, data_root, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_one_process_equals_two(tmp_path, data_root):
+LOSSES = ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc")
+SAME_GLOBAL_BATCH = TINY_RUN + NO_DROPOUT + ["--eval_interval=100"]  # 6 steps of 8, checkpoints at 3 and 6
+
+
+def assert_same_losses(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for r1, r2 in zip(a, b):
+        for name in LOSSES:
+            assert r2[name] == pytest.approx(r1[name], rel=1e-4, abs=1e-6), (r1["step"], name)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data_root, tmp_path_factory):
+    """One process accumulating two micro-batches of 4 per step: the log the multi-process runs must match."""
+    out = str(tmp_path_factory.mktemp("one"))
+    subprocess.run([sys.executable, "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}", f"--out_dir={out}"],
+                   cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True, timeout=600)
+    return read_log(out)[0]
+
+
+def test_one_process_equals_two(tmp_path, data_root, one_process_run):
     """The same global batch of 8: one process accumulating two micro-batches of 4, or two torchrun processes
     (gloo) with one each, give the same losses."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = TINY_RUN + NO_DROPOUT + [f"--data_root={data_root}", "--max_steps=3", "--eval_interval=100"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    subprocess.run([sys.executable, "pretrain.py", *args, f"--out_dir={one}"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    two = str(tmp_path / "two")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "pretrain.py", *args, f"--out_dir={two}"], cwd=ROOT, env=env, check=True, capture_output=True)
-    a, _ = read_log(one)
-    b, _ = read_log(two)
-    assert len(a) == len(b) == 3
-    for r1, r2 in zip(a, b):
-        for name in ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc"):
-            assert r2[name] == pytest.approx(r1[name], rel=1e-4, abs=1e-6), (r1["step"], name)
+                    "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}", f"--out_dir={two}"], cwd=ROOT,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True, timeout=600)
+    assert len(one_process_run) == 6
+    assert_same_losses(one_process_run, read_log(two)[0])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_process_and_resume_on_one(tmp_path, data_root, one_process_run):
+    """Two torchrun launchers as two "nodes" on localhost (c10d rendezvous, one process each, as README's
+    two-node launch line) give the losses of one process with the same global batch; the two-node run's step-3
+    checkpoint then resumes on one process and continues exactly as the run went on (the loader restarts at
+    the first global micro-batch nobody has consumed)."""
+    two_nodes = str(tmp_path / "two_nodes")
+    port = free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes",
+         "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}", f"--out_dir={two_nodes}"],
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for node in (0, 1)]
+    try:
+        outputs = [launcher.communicate(timeout=600)[0].decode() for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
+    assert "world size 2" in "".join(outputs)
+    assert_same_losses(one_process_run, read_log(two_nodes)[0])
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(Path(two_nodes) / "ckpt_3.pt", resumed)
+    shutil.copy(Path(two_nodes) / "log.jsonl", resumed)
+    done = subprocess.run([sys.executable, "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}",
+                           f"--out_dir={resumed}"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "checkpoint from 2 processes, now 1" in done.stdout
+    assert_same_losses(one_process_run, read_log(resumed)[0])
 
 
 def test_loss_weights_are_applied():
