@@ -3,6 +3,7 @@ weights and learning-rate multipliers, the schedule in optimizer steps, and clea
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -167,6 +168,29 @@ def test_two_nodes_equal_one_process_and_resume_on_one(tmp_path, data_root, one_
     assert done.returncode == 0, done.stderr
     assert "checkpoint from 2 processes, now 1" in done.stdout
     assert_same_losses(one_process_run, read_log(resumed)[0])
+
+
+def test_slurm_script_starts_one_launcher_per_node(tmp_path):
+    """scripts/slurm_pretrain.sh run as SLURM would run it, with srun and scontrol stubbed: one task per node,
+    each a torchrun launcher of the job's node count and GPUs, meeting on the first node, with pretrain.py's
+    arguments passed through."""
+    script = (ROOT / "scripts" / "slurm_pretrain.sh").read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", script, re.M))
+    assert sbatch["ntasks-per-node"] == "1" and int(sbatch["nodes"]) >= 2
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "scontrol").write_text('#!/bin/bash\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
+    (stubs / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path / "srun_args"}\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[07-08]",
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="4")
+    subprocess.run(["bash", "scripts/slurm_pretrain.sh", "configs/freeze_vision.py", "--data_root=/data"], cwd=ROOT,
+                   env=env, check=True, timeout=60)
+    launched = (tmp_path / "srun_args").read_text().splitlines()
+    assert launched == ["torchrun", "--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d",
+                        "--rdzv_endpoint=gpu07:29500", "--rdzv_id=4242", "pretrain.py", "configs/freeze_vision.py",
+                        "--data_root=/data"]
 
 
 def test_loss_weights_are_applied():
