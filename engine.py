@@ -567,8 +567,9 @@ def _truncate_log(path, step):
 
 def save_checkpoint(cfg, dist, step, model, optimizer, scaler, loader):
     """Write out_dir/ckpt_<step>.pt (model = the unwrapped module) and keep the newest keep_checkpoints. Beside
-    the weights it records the towers' Hugging Face configs (tower_configs), so that finetune.py, evaluate.py and
-    export.py rebuild the model without the towers' hub name or directory. Every rank calls it (each contributes its RNG state); the master writes; the others wait."""
+    the weights it records the towers' Hugging Face configs (tower_configs), so that a resumed run, finetune.py,
+    evaluate.py and export.py rebuild the model without the towers' hub name or directory. Every rank calls it
+    (each contributes its RNG state); the master writes; the others wait."""
     rng = [_rng_state(dist.device)]
     if dist.is_ddp:
         rng = [None] * dist.world_size

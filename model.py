@@ -793,8 +793,8 @@ class PretrainModel(FreezableModel):
         return out
 
 
-def build_pretrain_model(cfg, vocab_size):
-    return PretrainModel(build_encoder(cfg, vocab_size), vocab_size, cfg.mlm_weight, cfg.itm_weight,
+def build_pretrain_model(cfg, vocab_size, tower_configs=None):
+    return PretrainModel(build_encoder(cfg, vocab_size, tower_configs), vocab_size, cfg.mlm_weight, cfg.itm_weight,
                          cfg.pretrain_pass)
 
 
@@ -900,11 +900,10 @@ EXPORT_CONFIG = "vlenc.json"  # {"config": the run's resolved config, "tower_con
 def build_run_model(cfg, vocab_size, tower_configs=None, labels=None):
     """The model a run trains, untrained: its task's model (cfg.task, whose outputs mean `labels`) or, without a
     task, the pretraining model; towers from `tower_configs` when given (see build_encoder)."""
-    encoder = build_encoder(cfg, vocab_size, tower_configs)
-    if cfg.task:
-        import tasks  # tasks builds on this module: imported here, where a task's model is wanted
-        return tasks.get_task(cfg.task).build_model(encoder, labels)
-    return PretrainModel(encoder, vocab_size, cfg.mlm_weight, cfg.itm_weight, cfg.pretrain_pass)
+    if not cfg.task:
+        return build_pretrain_model(cfg, vocab_size, tower_configs)
+    import tasks  # tasks builds on this module: imported here, where a task's model is wanted
+    return tasks.get_task(cfg.task).build_model(build_encoder(cfg, vocab_size, tower_configs), labels)
 
 
 def load_exported(directory):

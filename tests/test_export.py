@@ -171,6 +171,17 @@ def test_fine_tuning_and_evaluation_need_no_tower_source(trained, tmp_path):
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
+def test_pretraining_resumes_without_tower_source(trained, tmp_path):
+    run_dir, *_ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    text_tower = json.loads((resumed / "config.json").read_text())["text_tower"]
+    assert not Path(text_tower).exists()
+    pretrain.main(WORLD + TRAIN + [f"--data_root={trained[3]}", f"--out_dir={resumed}", f"--text_tower={text_tower}",
+                                   f"--vision_tower={text_tower.removesuffix('text')}vision", "--max_steps=2"])
+    assert [json.loads(line)["step"] for line in open(resumed / "log.jsonl")] == [1, 1, 2, 2]
+
+
 def test_export_refuses_bad_input_in_one_line(trained, tmp_path, capsys):
     run_dir, *_ = trained
     done = subprocess.run([sys.executable, "export.py", str(tmp_path / "nothing"), "--out", str(tmp_path / "a")],
