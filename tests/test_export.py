@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 WORLD = ["--corpora=synthetic", "--tokenizer=synthetic", "--synthetic_images=64", "--synthetic_image_size=32",
-         "--image_size=32", "--num_workers=0", "--device=cpu"]
+         "--image_size=32", "--image_mean=0.48,0.46,0.41", "--image_std=0.27,0.26,0.28", "--num_workers=0",
+         "--device=cpu"]
 TRAIN = ["--cross_layers=2", "--cross_hidden=32", "--cross_heads=2", "--cross_mlp_ratio=2", "--cross_dropout=0",
          "--max_text_len=16", "--batch_size=4", "--micro_batch_size=4", "--max_steps=1", "--warmup_steps=0",
          "--lr=1e-2", "--log_interval=1", "--eval_interval=1", "--eval_batches=1", "--ckpt_interval=1"]
