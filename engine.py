@@ -1,6 +1,7 @@
 """Training machinery shared by pretrain.py and finetune.py: the config, torchrun set-up, mixed precision,
-the optimizer and learning-rate schedule, atomic checkpoints, the run directory and the training loop
-(nanoGPT's train.py, factored once). `python engine.py` prints the config reference table for the README.
+the optimizer and learning-rate schedule, atomic checkpoints, the run directory, logging (log.jsonl, optional
+TensorBoard and W&B trackers) and the training loop (nanoGPT's train.py, factored once). `python engine.py`
+prints the config reference table for the README.
 """
 from __future__ import annotations
 
