@@ -3,7 +3,8 @@
 Sections, top to bottom:
   1. Synthetic world    procedural scenes rendered with Pillow, written in the COCO-Karpathy and
                         Visual Genome formats so the real readers below read them
-  2. Images and JSON    opening images by content, loading JSON with errors that name file and field
+  2. Images and JSON    opening images by content, loading JSON with errors that name file and field;
+                        progress, the one progress bar of the project
   3. Caption tables     captions held in flat numpy arrays; the map-style CaptionDataset
   4. Corpus readers     COCO Karpathy, COCO official, Visual Genome (map-style)
   5. Streaming corpora  img2dataset shards (CC3M, SBU) and CaptionStream, which mixes sources
@@ -26,6 +27,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -37,6 +39,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 1. Synthetic world
@@ -256,7 +259,7 @@ def generate_synthetic_world(root, num_images, seed, image_size=64):
         (root / folder).mkdir(parents=True, exist_ok=True)
     karpathy_images, vg_regions, vg_image_data, scenes = [], [], [], []
     sentence_id, region_id = 0, 0
-    for index in range(num_images):
+    for index in progress(range(num_images), num_images, "synthetic world"):
         rng = np.random.default_rng([seed, index])
         image_id = index + 1  # COCO and VG ids start at 1
         objects = sample_scene(rng, image_size)
@@ -395,6 +398,15 @@ def load_or_mark(load, *args):
         return load(*args)
     except BadImageError as e:
         return {BAD_IMAGE: str(e)}
+
+
+def progress(iterable, total, desc, enabled=True):
+    """`iterable` with a tqdm bar on stderr (`desc`, done/total, rate, eta) for a long step. Quiet, a plain
+    pass-through, unless `enabled`, stderr is a terminal (a log file gets no carriage-return noise) and this is
+    the process of global rank 0 (RANK, as torchrun sets it; read here so that it works before or without a
+    process group)."""
+    shown = enabled and sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0
+    return tqdm(iterable, total=total, desc=desc, disable=not shown, file=sys.stderr, dynamic_ncols=True)
 
 
 def _load_json(path):
@@ -624,7 +636,9 @@ class Img2DatasetShards:
                              f"00000/ of <key>.jpg + <key>.txt files, or a numbered .tar such as 00000.tar)"
                              + (f"; it has the folders {', '.join(others[:5])}: give the folder that holds the "
                                 "shards" if others else ""))
-        self.shard_sizes = np.array([self._count(shard) for shard in self.shards], dtype=np.int64)
+        self.shard_sizes = np.array([self._count(shard) for shard in
+                                     progress(self.shards, len(self.shards), f"indexing {self.root.name}")],
+                                    dtype=np.int64)
 
     def __len__(self):
         return int(self.shard_sizes.sum())
@@ -1038,11 +1052,15 @@ class ResumableLoader:
     stream's workers must be restarted to see the new epoch and resume point.
     Bad images: an item whose image is missing, truncated or not an image is dropped from its batch and
     counted (pop_skipped reports them); a micro-batch left empty is consumed without being handed out.
-    With strict_images the first one raises BadImageError, with its path, in the main process."""
+    With strict_images the first one raises BadImageError, with its path, in the main process.
+    Another process count on resume: the state records the world size, and a run resumed with another one
+    starts at the first global micro-batch of the epoch that no process has consumed yet (rounded up to a
+    whole round of the new world size, so no sample is seen twice; at most world_size - 1 are skipped)."""
 
     def __init__(self, dataset, micro_batch_size, rank, world_size, seed, collate, num_workers=0, pin_memory=False,
                  strict_images=False):
         self.epoch, self.batches_done = 0, 0
+        self.world_size = world_size
         self.strict_images = strict_images
         self.skipped, self.skipped_examples = 0, []
         self.stream = dataset if isinstance(dataset, IterableDataset) else None
@@ -1063,7 +1081,7 @@ class ResumableLoader:
                                      persistent_workers=num_workers > 0, **common)
 
     def state_dict(self):
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "world_size": self.world_size}
 
     def pop_skipped(self):
         """(items dropped for a bad image since the last call, the first few distinct messages), then reset."""
@@ -1086,6 +1104,10 @@ class ResumableLoader:
 
     def load_state_dict(self, state):
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        saved_world_size = int(state.get("world_size", self.world_size))
+        if saved_world_size != self.world_size:  # batches_done counts this process's share of the global order
+            consumed = self.batches_done * saved_world_size  # global micro-batches of this epoch
+            self.batches_done = -(-consumed // self.world_size)
 
     def __iter__(self):
         while True:
@@ -1222,7 +1244,7 @@ def _compute_vision_features(pictures, encoder, device, autocast, cfg, array_pat
     features, bad, row = None, {}, 0
     start = time.time()
     try:
-        for images, good, failed in loader:
+        for images, good, failed in progress(loader, len(loader), "vision feature cache"):
             if failed and cfg.strict_images:
                 raise BadImageError(f"{next(iter(failed.values()))} (strict_images=True stops at the first bad image)")
             bad.update({row + j: message for j, message in failed.items()})

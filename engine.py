@@ -1,6 +1,7 @@
 """Training machinery shared by pretrain.py and finetune.py: the config, torchrun set-up, mixed precision,
-the optimizer and learning-rate schedule, atomic checkpoints, the run directory and the training loop
-(nanoGPT's train.py, factored once). `python engine.py` prints the config reference table for the README.
+the optimizer and learning-rate schedule, atomic checkpoints, the run directory, logging (log.jsonl, optional
+TensorBoard and W&B trackers) and the training loop (nanoGPT's train.py, factored once). `python engine.py`
+prints the config reference table for the README.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ast
 import datetime
 import difflib
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -22,6 +24,7 @@ import tempfile
 import time
 import traceback
 import typing
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -129,6 +132,8 @@ class Config:
     eval_batches: int = 50  # validation batches per evaluation
     ckpt_interval: int = 1000  # optimizer steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept in out_dir
+    trackers: list[str] = field(default_factory=list)  # also send the log lines to any of "tensorboard" (out_dir/tensorboard), "wandb"; log.jsonl is always written
+    wandb_project: str = "vlenc"  # W&B project of the run (no network: WANDB_MODE=offline)
     # fine-tuning and evaluation
     task: str = ""  # finetune.py / evaluate.py task: nlvr2, snli_ve, refcoco(_plus, g), coco_retrieval, f30k_retrieval, vqa, a GLUE task, cifar10
     synthetic_task: bool = False  # read the task's synthetic version, generated in the official layout under data_root/synthetic
@@ -291,6 +296,7 @@ def validate(cfg, world_size=1):
                           f"(got {cfg.model_type!r}, {cfg.freeze_vision}, {cfg.augment})")
     if cfg.image_resize == "crop" and cfg.task.startswith("refcoco"):
         raise ConfigError(f"image_resize='crop' would cut off boxes of task={cfg.task!r}: use image_resize='squash'")
+    check_trackers(cfg)
     fractions = {"min_lr_ratio": cfg.min_lr_ratio, "mlm_prob": cfg.mlm_prob, "itm_neg_prob": cfg.itm_neg_prob,
                  "betas[0]": cfg.betas[0], "betas[1]": cfg.betas[1]}
     for key, value in fractions.items():
@@ -500,6 +506,19 @@ def latest_checkpoint(out_dir):
     return found[-1][1] if found else None
 
 
+def resolve_checkpoint(path, key):
+    """The checkpoint file `path` names: the file itself, or the newest ckpt_<step>.pt of a run directory.
+    `key` (e.g. "init_from") names the setting in the one-line error when there is none."""
+    if os.path.isdir(path):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{key}={path!r}: no ckpt_<step>.pt in that directory")
+        return found
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}={path!r}: no such checkpoint file or run directory")
+    return path
+
+
 def _rng_state(device):
     """This process's RNG states in types torch.load(weights_only=True) accepts."""
     version, internal, gauss_next = random.getstate()
@@ -589,8 +608,10 @@ def _truncate_log(path, step):
 
 
 def save_checkpoint(cfg, dist, step, model, optimizer, scaler, loader):
-    """Write out_dir/ckpt_<step>.pt (model = the unwrapped module) and keep the newest keep_checkpoints.
-    Every rank calls it (each contributes its RNG state); the master writes; the others wait."""
+    """Write out_dir/ckpt_<step>.pt (model = the unwrapped module) and keep the newest keep_checkpoints. Beside
+    the weights it records the towers' Hugging Face configs (tower_configs), so that a resumed run, finetune.py,
+    evaluate.py and export.py rebuild the model without the towers' hub name or directory. Every rank calls it
+    (each contributes its RNG state); the master writes; the others wait."""
     rng = [_rng_state(dist.device)]
     if dist.is_ddp:
         rng = [None] * dist.world_size
@@ -599,6 +620,8 @@ def save_checkpoint(cfg, dist, step, model, optimizer, scaler, loader):
     if dist.master:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "step": step, "config": asdict(cfg), "rng": rng, "loader": loader.state_dict()}
+        if hasattr(model, "tower_configs"):  # model.FreezableModel: rebuild the towers without their source
+            state["tower_configs"] = model.tower_configs()
         tensors = [*_named_tensors(state["model"], "model"), *_named_tensors(state["optimizer"]["state"], "optimizer")]
         for name, tensor in tensors:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -675,15 +698,89 @@ def prepare_run_dir(cfg, dist):
 
 
 class JsonlLogger:
-    """Appends one JSON object per line to `path` (opened per line, so every line is on disk at once)."""
+    """Appends one JSON object per line to `path` (opened per line, so every line is on disk at once), then
+    hands the record to each tracker (TensorBoard, W&B: open_trackers). log.jsonl is the source of truth."""
 
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path, enabled=True, trackers=()):
+        self.path, self.enabled, self.trackers = path, enabled, list(trackers) if enabled else []
 
     def log(self, record):
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self):
+        for tracker in self.trackers:
+            tracker.close()
+
+
+# Experiment trackers: optional mirrors of log.jsonl, chosen by cfg.trackers, each opened on the master only.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> the package it needs
+
+
+def check_trackers(cfg):
+    """Unknown trackers and missing packages are refused at start-up, before any work (a ConfigError)."""
+    for name in cfg.trackers:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"trackers: {name!r} is not one of {', '.join(TRACKER_PACKAGES)}")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(f"trackers: {name!r} needs the {TRACKER_PACKAGES[name]} package, which is not "
+                              f"installed (pip install {TRACKER_PACKAGES[name]}, or drop it from trackers)")
+
+
+def tracked_scalars(record):
+    """A log record's numbers as {"<split>/<name>": value}: train lines under train/, evaluation lines under
+    their split (val/, test/, ...); lists and strings (bad_images, split) stay in log.jsonl only."""
+    split = record.get("split", "train")
+    return {f"{split}/{key}": float(value) for key, value in record.items()
+            if key not in ("step", "split") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+class TensorBoardTracker:
+    """Scalars in out_dir/tensorboard. A run resumed at step s first drops the events logged after s (purge_step:
+    those at s + 1 and later), as _truncate_log drops those lines of log.jsonl."""
+
+    def __init__(self, cfg, step):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=step + 1 if step else None)
+
+    def log(self, record):
+        for tag, value in tracked_scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
+        self.writer.flush()  # on disk at once, like log.jsonl
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbTracker:
+    """One W&B run per run directory: its id is kept in out_dir/wandb_id, so a resumed run continues the same
+    W&B run. Offline (no network) with the environment variable WANDB_MODE=offline; `wandb sync` uploads later."""
+
+    def __init__(self, cfg, step):
+        import wandb
+        id_path = os.path.join(cfg.out_dir, "wandb_id")
+        if not os.path.exists(id_path):
+            with open(id_path, "w") as f:
+                f.write(uuid.uuid4().hex[:16])
+        with open(id_path) as f:
+            run_id = f.read().strip()
+        self.run = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=cfg.out_dir,
+                              name=os.path.basename(os.path.abspath(cfg.out_dir)), config=asdict(cfg))
+
+    def log(self, record):
+        self.run.log(tracked_scalars(record), step=record["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+def open_trackers(cfg, step):
+    """The trackers cfg.trackers names, opened for a run that starts (or resumes) at optimizer step `step`."""
+    kinds = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+    return [kinds[name](cfg, step) for name in dict.fromkeys(cfg.trackers)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -786,11 +883,13 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
             _set_rng_state(ckpt["rng"][dist.rank], dist.device)
         elif dist.master:
             print(f"note: checkpoint from {len(ckpt['rng'])} processes, now {dist.world_size}: RNG streams restart")
-    logger = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.master)
     if dist.master:
         for name in _remove_partial_saves(cfg.out_dir):
             print(f"removed {name}: a checkpoint save cut short by a crash")
-        _truncate_log(logger.path, step)
+        _truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), step)
+    logger = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.master,
+                         trackers=open_trackers(cfg, step) if dist.master else ())
+    if dist.master:
         group_lrs = {g["name"]: cfg.lr * g["lr_scale"] for g in optimizer.param_groups}
         print(f"world size {dist.world_size} | micro batch {cfg.micro_batch_size} | accumulation {accum} | "
               f"global batch {cfg.batch_size} | peak lr {cfg.lr:.2e}")
@@ -853,6 +952,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
             save_checkpoint(cfg, dist, step, raw_model, optimizer, scaler, loader)
         if log_now:  # the next interval's clock starts after evaluation and saving
             sums, grad_norm_sum, skipped_steps, interval_start, t0 = {}, 0.0, 0, step, time.time()
+    logger.close()
     return summary
 
 

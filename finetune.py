@@ -43,18 +43,6 @@ PRETRAINING_HEADS = ("mlm_head.", "itm_head.")  # in a pretraining checkpoint, u
 NEW_HEAD = "head."  # every downstream model's head (tasks/)
 
 
-def pretraining_checkpoint(init_from):
-    """The checkpoint file init_from names: the file itself, or the newest ckpt_<step>.pt of a run directory."""
-    if os.path.isdir(init_from):
-        path = engine.latest_checkpoint(init_from)
-        if path is None:
-            raise FileNotFoundError(f"init_from={init_from!r}: no ckpt_<step>.pt in that directory")
-        return path
-    if not os.path.isfile(init_from):
-        raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint file or run directory")
-    return init_from
-
-
 def adopt_architecture(cfg, saved, source, verbose=True):
     """cfg with the architecture keys of a pretraining run's saved config (printing those that change)."""
     missing = [key for key in ARCHITECTURE_KEYS if key not in saved]
@@ -83,7 +71,7 @@ def main(argv):
     task = tasks.get_task(cfg.task)
     pretrained, source = None, None
     if cfg.init_from:
-        source = pretraining_checkpoint(cfg.init_from)
+        source = engine.resolve_checkpoint(cfg.init_from, "init_from")
         pretrained = torch.load(source, map_location="cpu", weights_only=True, mmap=True)  # mmap: read what is used
         cfg = adopt_architecture(cfg, pretrained["config"], source, verbose=int(os.environ.get("RANK", "0")) == 0)
     dist = engine.setup_distributed(cfg)
@@ -94,7 +82,8 @@ def main(argv):
     val_split = task.validation_split(cfg)
     val_set = task.eval_dataset(cfg, val_split, data.build_transform(cfg, train=False), label_names)
 
-    model = task.build_model(build_encoder(cfg, len(tokenizer)), label_names)
+    towers = pretrained.get("tower_configs") if pretrained else None  # no need for the towers' source
+    model = task.build_model(build_encoder(cfg, len(tokenizer), towers), label_names)
     resuming = cfg.resume and engine.latest_checkpoint(cfg.out_dir) is not None  # engine.train restores it
     loaded = load_pretrained(model, task, pretrained["model"], source) if pretrained and not resuming else None
     del pretrained

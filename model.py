@@ -11,14 +11,17 @@ On top sit the heads (MLM, ITM, classifier), `PretrainModel` (MLM + ITM losses) 
 """
 
 import inspect
+import json
 import math
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_model
 from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, AutoModel, BeitConfig, BertConfig, DeiTConfig, ElectraConfig,
                           RobertaConfig, ViTConfig)
@@ -126,7 +129,7 @@ def _tower_overrides(cfg, modality):
     return dims, rates
 
 
-def load_tower(cfg, modality, vocab_size=None):
+def load_tower(cfg, modality, vocab_size=None, saved_config=None):
     """Build the text or vision tower named by `cfg.<modality>_tower`.
 
     Three ways: a family name ("bert", "vit", ...) -> random init with the config's hand-set dimensions;
@@ -134,6 +137,8 @@ def load_tower(cfg, modality, vocab_size=None):
     init from its config. With random_init_towers a hub name is built offline from HUB_TOWERS instead, as the hub
     model's config would build it, vocabulary included (hand-set dimensions still apply). Poolers the model never
     uses are not built, so DDP needs no unused-parameter search.
+    saved_config: the tower's Hugging Face config dict as a checkpoint recorded it (tower_configs): the tower
+    is rebuilt from it, at random, for the checkpoint's weights, with no access to the tower's source.
     """
     name = getattr(cfg, f"{modality}_tower")
     pretrained = getattr(cfg, f"{modality}_pretrained")
@@ -142,7 +147,11 @@ def load_tower(cfg, modality, vocab_size=None):
     tower_key = f"{modality}_tower"
     offline_fix = "give a local directory (save_pretrained output), a family name or random_init_towers=True"
     from_table = cfg.random_init_towers and name not in families and not os.path.isdir(os.path.expanduser(name))
-    if name in families:
+    if saved_config is not None:
+        config = AutoConfig.for_model(**saved_config)
+        dims = {}  # the recorded config already has the sizes it was built with
+        pretrained = False
+    elif name in families:
         config = families[name]()
         pretrained = False
     elif from_table:
@@ -177,13 +186,19 @@ def load_tower(cfg, modality, vocab_size=None):
         if cfg.patch_size > 0:
             config.patch_size = cfg.patch_size
     config._attn_implementation = "sdpa"
-    model_class = AutoModel._model_mapping[type(config)]
-    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
+    model_class, kwargs = _tower_class(config)
     if pretrained:
         return from_hub_or_directory(lambda path, **flags: model_class.from_pretrained(path, config=config, **kwargs,
                                                                                         **flags),
                                      name, f"{tower_key} weights", offline_fix)
     return model_class(config, **kwargs)
+
+
+def _tower_class(config):
+    """The Hugging Face model class of `config`, and the keyword that leaves out a pooler the model never uses."""
+    model_class = AutoModel._model_mapping[type(config)]
+    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
+    return model_class, kwargs
 
 
 def _layers_path(tower):
@@ -723,11 +738,14 @@ class OneTowerEncoder(nn.Module):
         return self.fuse(text, image)
 
 
-def build_encoder(cfg, vocab_size):
-    """The encoder the config describes. `vocab_size` is the tokenizer's, used by randomly initialised text sides."""
+def build_encoder(cfg, vocab_size, tower_configs=None):
+    """The encoder the config describes. `vocab_size` is the tokenizer's, used by randomly initialised text sides.
+    tower_configs: {modality: Hugging Face config dict} a checkpoint recorded (FreezableModel.tower_configs); the
+    towers are then built from those, not from the hub or a directory, ready for the checkpoint's weights."""
+    saved = tower_configs or {}
     if cfg.model_type == "two_tower":
-        text = load_tower(cfg, "text", vocab_size)
-        vision = load_tower(cfg, "vision")
+        text = load_tower(cfg, "text", vocab_size, saved.get("text"))
+        vision = load_tower(cfg, "vision", saved_config=saved.get("vision"))
         if vocab_size > text.config.vocab_size:
             raise TowerLoadError(f"tokenizer has {vocab_size} tokens but text_tower '{cfg.text_tower}' only "
                                  f"{text.config.vocab_size} embeddings")
@@ -737,12 +755,30 @@ def build_encoder(cfg, vocab_size):
     if cfg.model_type == "one_tower":
         if cfg.onetower_stack not in ("text", "vision"):
             raise TowerLoadError(f"onetower_stack must be 'text' or 'vision', not '{cfg.onetower_stack}'")
-        stack = load_tower(cfg, cfg.onetower_stack, vocab_size)
+        stack = load_tower(cfg, cfg.onetower_stack, vocab_size, saved.get(cfg.onetower_stack))
         patch = cfg.patch_size if cfg.patch_size > 0 else getattr(stack.config, "patch_size", 16)
         return OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
                                cfg.max_text_len, cfg.pooling, cfg.image_mean, cfg.image_std,
                                cfg.onetower_embeddings)
     raise TowerLoadError(f"model_type must be 'two_tower' or 'one_tower', not '{cfg.model_type}'")
+
+
+def hf_towers(encoder):
+    """{modality: Hugging Face model} of an encoder's towers, sharing the encoder's parameters: a two-tower
+    encoder's own two; for a one-tower encoder its stack, reassembled into the Hugging Face model it came from
+    (its own modality's embeddings, the layers, the final norm), which export.py saves with save_pretrained."""
+    if isinstance(encoder, TwoTowerEncoder):
+        return {"text": encoder.text_tower, "vision": encoder.vision_tower}
+    model_class, kwargs = _tower_class(encoder.stack_config)
+    with torch.device("meta"):  # every parameter is replaced by the encoder's below
+        tower = model_class(encoder.stack_config, **kwargs)
+    tower.embeddings = encoder.text_embeddings if encoder.stack_modality == "text" else encoder.image_embeddings
+    if encoder.text_embeddings_project is not None:
+        tower.embeddings_project = encoder.text_embeddings_project
+    tower.set_submodule(_layers_path(tower), encoder.layers)
+    if encoder.final_norm is not None:
+        tower.layernorm = encoder.final_norm
+    return {encoder.stack_modality: tower}
 
 
 # -----------------------------------------------------------------------------
@@ -796,6 +832,14 @@ class FreezableModel(nn.Module):
             for name in self.frozen_modules:
                 self.get_submodule(name).eval()
         return self
+
+    def tower_configs(self):
+        """{modality: Hugging Face config dict} of the towers inside: what build_encoder needs to rebuild them
+        without their source (checkpoints record it)."""
+        encoder = self.encoder
+        if isinstance(encoder, TwoTowerEncoder):
+            return {"text": encoder.text_tower.config.to_dict(), "vision": encoder.vision_tower.config.to_dict()}
+        return {encoder.stack_modality: encoder.stack_config.to_dict()}
 
     def module_groups(self):
         groups = dict(self.encoder.module_groups())
@@ -989,8 +1033,8 @@ class PretrainModel(FreezableModel):
         return out
 
 
-def build_pretrain_model(cfg, vocab_size):
-    return PretrainModel(build_encoder(cfg, vocab_size), vocab_size, cfg.mlm_weight, cfg.itm_weight,
+def build_pretrain_model(cfg, vocab_size, tower_configs=None):
+    return PretrainModel(build_encoder(cfg, vocab_size, tower_configs), vocab_size, cfg.mlm_weight, cfg.itm_weight,
                          cfg.pretrain_pass)
 
 
@@ -1084,3 +1128,31 @@ def resize_position_embeddings(state_dict, model):
             table = F.interpolate(table, size=(new_side, new_side), mode="bicubic", align_corners=False)
             resized[key] = torch.cat([table.reshape(-1, new_side * new_side).T.to(value.dtype), value[-3:]])
     return resized
+
+
+# -----------------------------------------------------------------------------
+# Exported models (export.py writes them): no tower source needed to load one
+
+EXPORT_WEIGHTS = "model.safetensors"  # the whole model's state dict: towers, fusion layers, heads
+EXPORT_CONFIG = "vlenc.json"  # {"config": the run's resolved config, "tower_configs", "vocab_size", "labels", ...}
+
+
+def build_run_model(cfg, vocab_size, tower_configs=None, labels=None):
+    """The model a run trains, untrained: its task's model (cfg.task, whose outputs mean `labels`) or, without a
+    task, the pretraining model; towers from `tower_configs` when given (see build_encoder)."""
+    if not cfg.task:
+        return build_pretrain_model(cfg, vocab_size, tower_configs)
+    import tasks  # tasks builds on this module: imported here, where a task's model is wanted
+    return tasks.get_task(cfg.task).build_model(build_encoder(cfg, vocab_size, tower_configs), labels)
+
+
+def load_exported(directory):
+    """(model in eval mode, the run's resolved config as a dict) from an export.py directory, built from the
+    towers' recorded Hugging Face configs alone (no hub, no tower directory) and loaded strictly from the
+    safetensors file. A pretraining export gives a PretrainModel; a fine-tuning one its task's model."""
+    with open(os.path.join(directory, EXPORT_CONFIG)) as f:
+        saved = json.load(f)
+    model = build_run_model(SimpleNamespace(**saved["config"]), saved["vocab_size"], saved["tower_configs"],
+                            saved["labels"])
+    load_model(model, os.path.join(directory, EXPORT_WEIGHTS), strict=True)
+    return model.eval(), saved["config"]

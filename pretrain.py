@@ -83,7 +83,10 @@ def main(argv):
     dist = engine.setup_distributed(cfg)
     engine.autocast_context(dist.device, cfg.dtype)  # refuses float16 on CPU before any work
     tokenizer = data.build_tokenizer(cfg)
-    model = build_pretrain_model(cfg, len(tokenizer))
+    resume_from = engine.latest_checkpoint(cfg.out_dir) if cfg.resume else None  # engine.train restores it
+    # a resumed run builds its towers from the configs the checkpoint recorded: no hub or tower directory needed
+    towers = torch.load(resume_from, weights_only=True, mmap=True).get("tower_configs") if resume_from else None
+    model = build_pretrain_model(cfg, len(tokenizer), towers)
     apply_freezing(model, cfg)  # freeze, then checkpointing, then (in engine.train) DDP and the optimizer
     engine.require_trainable(model)  # an all-frozen model is refused before any data is read or generated
     lr_scales = engine.lr_scales(cfg, model, engine.command_line_overrides(argv))

@@ -526,8 +526,33 @@ def test_resumable_loader_state_round_trip_across_epochs(num_workers):
     for _ in range(7):
         next(iterator)
     state = loader.state_dict()
-    assert state == {"epoch": 2, "batches_done": 1}
+    assert state == {"epoch": 2, "batches_done": 1, "world_size": 1}
     resumed = make()
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint's serialisation
     resumed_iterator = iter(resumed)
     assert [next(resumed_iterator) for _ in range(5)] == batches[7:]
+
+
+def test_resumable_loader_resumes_on_another_world_size():
+    """Two processes that took 3 micro-batches each resume on one process at global micro-batch 6, and one
+    process that took 5 resumes on two at global micro-batch 6 (a whole round: nothing is seen twice)."""
+    def loader(rank, world_size):
+        return data.ResumableLoader(Indices(), 1, rank=rank, world_size=world_size, seed=1, collate=list)
+    one = iter(loader(0, 1))
+    order = [next(one) for _ in range(8)]  # the global micro-batch order of epoch 0 (10 micro-batches of 1)
+    states = []
+    for rank in (0, 1):
+        ranked = loader(rank, 2)
+        iterator = iter(ranked)
+        assert [next(iterator) for _ in range(3)] == order[rank:6:2]
+        states.append(ranked.state_dict())
+    assert states[0] == states[1] == {"epoch": 0, "batches_done": 3, "world_size": 2}
+    resumed = loader(0, 1)
+    resumed.load_state_dict(states[0])
+    assert next(iter(resumed)) == order[6]
+    single = loader(0, 1)
+    single.load_state_dict({"epoch": 0, "batches_done": 5, "world_size": 1})
+    for rank in (0, 1):
+        resumed = loader(rank, 2)
+        resumed.load_state_dict(single.state_dict())
+        assert next(iter(resumed)) == order[6 + rank]

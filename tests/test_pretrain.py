@@ -3,6 +3,10 @@ weights and learning-rate multipliers, the schedule in optimizer steps, and clea
 
 import json
 import os
+import re
+import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -97,22 +101,98 @@ def test_resume_is_exact(tmp_path, data_root, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_one_process_equals_two(tmp_path, data_root):
+LOSSES = ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc")
+SAME_GLOBAL_BATCH = TINY_RUN + NO_DROPOUT + ["--eval_interval=100"]  # 6 steps of 8, checkpoints at 3 and 6
+
+
+def assert_same_losses(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for r1, r2 in zip(a, b):
+        for name in LOSSES:
+            assert r2[name] == pytest.approx(r1[name], rel=1e-4, abs=1e-6), (r1["step"], name)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data_root, tmp_path_factory):
+    """One process accumulating two micro-batches of 4 per step: the log the multi-process runs must match."""
+    out = str(tmp_path_factory.mktemp("one"))
+    subprocess.run([sys.executable, "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}", f"--out_dir={out}"],
+                   cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True, timeout=600)
+    return read_log(out)[0]
+
+
+def test_one_process_equals_two(tmp_path, data_root, one_process_run):
     """The same global batch of 8: one process accumulating two micro-batches of 4, or two torchrun processes
     (gloo) with one each, give the same losses."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = TINY_RUN + NO_DROPOUT + [f"--data_root={data_root}", "--max_steps=3", "--eval_interval=100"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for command, out in (([sys.executable], one), (torchrun, two)):
-        done = processes.run([*command, "pretrain.py", *args, f"--out_dir={out}"], timeout=300, cwd=ROOT, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-    a, _ = read_log(one)
-    b, _ = read_log(two)
-    assert len(a) == len(b) == 3
-    for r1, r2 in zip(a, b):
-        for name in ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc"):
-            assert r2[name] == pytest.approx(r1[name], rel=1e-4, abs=1e-6), (r1["step"], name)
+    two = str(tmp_path / "two")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}", f"--out_dir={two}"], cwd=ROOT,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True, timeout=600)
+    assert len(one_process_run) == 6
+    assert_same_losses(one_process_run, read_log(two)[0])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_process_and_resume_on_one(tmp_path, data_root, one_process_run):
+    """Two torchrun launchers as two "nodes" on localhost (c10d rendezvous, one process each, as README's
+    two-node launch line) give the losses of one process with the same global batch; the two-node run's step-3
+    checkpoint then resumes on one process and continues exactly as the run went on (the loader restarts at
+    the first global micro-batch nobody has consumed)."""
+    two_nodes = str(tmp_path / "two_nodes")
+    port = free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes",
+         "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}", f"--out_dir={two_nodes}"],
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for node in (0, 1)]
+    try:
+        outputs = [launcher.communicate(timeout=600)[0].decode() for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
+    assert "world size 2" in "".join(outputs)
+    assert_same_losses(one_process_run, read_log(two_nodes)[0])
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(Path(two_nodes) / "ckpt_3.pt", resumed)
+    shutil.copy(Path(two_nodes) / "log.jsonl", resumed)
+    done = subprocess.run([sys.executable, "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}",
+                           f"--out_dir={resumed}"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "checkpoint from 2 processes, now 1" in done.stdout
+    assert_same_losses(one_process_run, read_log(resumed)[0])
+
+
+def test_slurm_script_starts_one_launcher_per_node(tmp_path):
+    """scripts/slurm_pretrain.sh run as SLURM would run it, with srun and scontrol stubbed: one task per node,
+    each a torchrun launcher of the job's node count and GPUs, meeting on the first node, with pretrain.py's
+    arguments passed through."""
+    script = (ROOT / "scripts" / "slurm_pretrain.sh").read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", script, re.M))
+    assert sbatch["ntasks-per-node"] == "1" and int(sbatch["nodes"]) >= 2
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "scontrol").write_text('#!/bin/bash\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
+    (stubs / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path / "srun_args"}\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[07-08]",
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="4")
+    subprocess.run(["bash", "scripts/slurm_pretrain.sh", "configs/freeze_vision.py", "--data_root=/data"], cwd=ROOT,
+                   env=env, check=True, timeout=60)
+    launched = (tmp_path / "srun_args").read_text().splitlines()
+    assert launched == ["torchrun", "--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d",
+                        "--rdzv_endpoint=gpu07:29500", "--rdzv_id=4242", "pretrain.py", "configs/freeze_vision.py",
+                        "--data_root=/data"]
 
 
 def test_compiling_pads_captions_to_max_text_len():
