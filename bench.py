@@ -2,9 +2,11 @@
 freezing variants. Prints a table and writes JSON.
 
     python bench.py configs/freeze_none.py --variants=none,text,vision,both --micro_batch_size=8
-    python bench.py configs/freeze_none.py --random_init_towers --data=random --micro_batch_size=8 --variants=none,both
+    python bench.py configs/freeze_none.py --random_init_towers=true --data=random --micro_batch_size=8 --variants=none,both
 
-Config overrides (--key=value) work as for pretrain.py. Bench options:
+Config overrides (--key=value) work as for pretrain.py; --random_init_towers=true (the config key) builds the hub
+towers the config names offline at their exact dimensions from random init, and with --data=random and such a
+text tower's own tokenizer nothing at all is downloaded. Bench options:
   --variants=a,b,...    what to measure, each a freezing variant, config (as configured), none, text, vision or
                         both, optionally followed by modifiers: +shared / +separate (pretrain_pass), +ckpt
                         (gradient checkpointing), +compile (torch.compile), +cache (the frozen vision feature
@@ -13,9 +15,9 @@ Config overrides (--key=value) work as for pretrain.py. Bench options:
   --data=loader|random  loader: the config's corpora through the training DataLoader, so the data time is real;
                         random: in-memory batches of captions exactly max_text_len tokens long (no padding) and
                         random pixels, the shape the paper's targets are stated at; the data time is masking only
-  --random_init_towers  build the hub towers the config names (the paper's models, PAPER_TOWERS) at their exact
-                        dimensions from random init: nothing is downloaded. A switch, never a fallback: without
-                        it an unreachable hub is an error, and so is a hub name the table does not know.
+  --decode_images=N     first time reading N training pictures (open, decode, transform: one loader worker's work)
+                        in this process on one thread, and print images/s per worker; with num_workers workers
+                        per process the loader can feed at most that many times as much
   --peak_tflops=X       the device's peak for MFU (default: the table of dense GPU peaks; on CPU a GEMM in the
                         run's dtype measured at start)
   --json=PATH           where the JSON goes (default: out_dir/bench.json)
@@ -49,53 +51,22 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import data
 import engine
 import pretrain
-from model import apply_freezing, build_pretrain_model, enable_gradient_checkpointing, parameter_summary
+from model import HUB_TOWERS, apply_freezing, build_pretrain_model, enable_gradient_checkpointing, parameter_summary
 
 # -----------------------------------------------------------------------------
-# The paper's towers at their exact dimensions, built from random init
+# Random batches without a tokenizer
 
-# hub name -> (family, dimensions as the config's <modality>_<key> values)
-PAPER_TOWERS = {
-    "google/electra-small-discriminator": ("electra", dict(hidden_size=256, layers=12, heads=4, mlp_ratio=4.0,
-                                                           embedding_size=128)),
-    "google/electra-base-discriminator": ("electra", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0,
-                                                          embedding_size=768)),
-    "bert-base-uncased": ("bert", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0)),
-    "facebook/deit-tiny-patch16-224": ("deit", dict(hidden_size=192, layers=12, heads=3, mlp_ratio=4.0)),
-    "google/vit-base-patch16-224-in21k": ("vit", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0)),
-    "google/vit-base-patch16-224": ("vit", dict(hidden_size=768, layers=12, heads=12, mlp_ratio=4.0)),
-}
-PAPER_PATCH_SIZE = 16  # every vision model above
-# Every text model above uses BERT's uncased WordPiece vocabulary: its size and special tokens
+# Every text model of model.HUB_TOWERS uses BERT's uncased WordPiece vocabulary: its size and special tokens
 # ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103).
 PAPER_TOKENIZER_INFO = data.TokenizerInfo(mask_token_id=103, vocab_size=30522, special_ids=(0, 100, 101, 102, 103))
 
 
-def random_init_towers(cfg):
-    """(cfg with the towers it uses rebuilt as random-init families at the paper models' exact dimensions,
-    the paper vocabulary size or None). A tower already given as a family is left as it is; the tokenizer
-    stays the hub model's, so only the weights stop depending on the hub."""
-    used = ("text", "vision") if cfg.model_type == "two_tower" else (cfg.onetower_stack,)
-    changes = {}
-    for modality in used:
-        name = getattr(cfg, f"{modality}_tower")
-        families = ("bert", "electra", "roberta") if modality == "text" else ("vit", "deit", "beit")
-        if name in families:
-            continue
-        if name not in PAPER_TOWERS:
-            raise ValueError(f"--random_init_towers: {modality}_tower '{name}' is not one of the paper's models "
-                             f"({', '.join(PAPER_TOWERS)}); give a family name and its dimensions instead")
-        family, dims = PAPER_TOWERS[name]
-        changes.update({f"{modality}_tower": family, f"{modality}_pretrained": False})
-        changes.update({f"{modality}_{key}": value for key, value in dims.items()})
-        if modality == "text":
-            changes["text_embedding_size"] = dims.get("embedding_size", -1)
-            changes["tokenizer"] = cfg.tokenizer or name
-        else:
-            changes["patch_size"] = PAPER_PATCH_SIZE
-    tokenizer = changes.get("tokenizer", cfg.tokenizer)
-    vocab = PAPER_TOKENIZER_INFO.vocab_size if tokenizer in PAPER_TOWERS else None
-    return dataclasses.replace(cfg, **changes), vocab
+def needs_tokenizer(cfg, args):
+    """Whether the tokenizer must be loaded: always for --data=loader; for random data unless random_init_towers
+    builds the text tower offline and the tokenizer is that hub model's (then PAPER_TOKENIZER_INFO describes it)."""
+    name = cfg.tokenizer or cfg.text_tower
+    paper_vocabulary = name in HUB_TOWERS and "vocab_size" in HUB_TOWERS[name][1]
+    return args.data == "loader" or not (cfg.random_init_towers and paper_vocabulary)
 
 
 # -----------------------------------------------------------------------------
@@ -146,8 +117,9 @@ def random_batches(cfg, tokenizer_info, count=4):
 def with_random_vision_features(batches, encoder, cfg):
     """Random batches as the feature cache hands them out: the vision tower's output shape, float16, instead of
     pixels (the compute side of the cache; --data=loader measures the data side too)."""
+    device = next(encoder.vision_tower.parameters()).device  # the probe goes where the tower is
     with torch.no_grad():
-        shape = encoder.vision_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1:]  # (P, D)
+        shape = encoder.vision_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).shape[1:]
     g = torch.Generator().manual_seed(cfg.seed)
     for batch in batches:
         feats = torch.randn(len(batch["image_ids"]), *shape, generator=g).half()
@@ -211,10 +183,12 @@ def saved_activation_bytes(model, batch, autocast):
 
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' datasheets: (bf16/fp16 tensor cores, tf32 tensor cores,
-# fp32 without tensor cores). The first name fragment found in the device name wins.
+# fp32 without tensor cores). The longest name fragment found in the device name wins, so "H200 NVL" is not
+# taken for "H200", nor "A100" for "A10".
 GPU_PEAK_TFLOPS = [
     ("H100 NVL", (835.0, 417.5, 60.0)), ("H100 PCIe", (756.5, 378.0, 51.2)), ("H100", (989.4, 494.7, 66.9)),
-    ("H200", (989.4, 494.7, 66.9)), ("A100", (312.0, 156.0, 19.5)), ("L40S", (362.1, 183.2, 91.6)),
+    ("H200 NVL", (835.5, 417.5, 60.0)), ("H200", (989.4, 494.7, 66.9)), ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.1, 183.2, 91.6)),
     ("L40", (181.0, 90.5, 90.5)), ("L4", (121.0, 60.0, 30.3)), ("A10", (125.0, 62.5, 31.2)),
     ("RTX 4090", (165.2, 82.6, 82.6)), ("RTX 3090", (71.0, 35.6, 35.6)),
 ]
@@ -223,14 +197,15 @@ GPU_PEAK_TFLOPS = [
 def gpu_peak_from_table(device, dtype):
     """(peak FLOP/s, source) from GPU_PEAK_TFLOPS, or None for a GPU the table does not know."""
     name = torch.cuda.get_device_name(device)
-    for fragment, (half, tf32, fp32) in GPU_PEAK_TFLOPS:
-        if fragment in name:
-            if dtype != "float32":
-                return half * 1e12, f"datasheet {dtype} dense peak of {name}"
-            if torch.get_float32_matmul_precision() != "highest":
-                return tf32 * 1e12, f"datasheet tf32 dense peak of {name}"
-            return fp32 * 1e12, f"datasheet fp32 peak of {name}"
-    return None
+    found = [(fragment, peaks) for fragment, peaks in GPU_PEAK_TFLOPS if fragment in name]
+    if not found:
+        return None
+    half, tf32, fp32 = max(found, key=lambda entry: len(entry[0]))[1]
+    if dtype != "float32":
+        return half * 1e12, f"datasheet {dtype} dense peak of {name}"
+    if torch.get_float32_matmul_precision() != "highest":
+        return tf32 * 1e12, f"datasheet tf32 dense peak of {name}"
+    return fp32 * 1e12, f"datasheet fp32 peak of {name}"
 
 
 def measure_gemm_peak(device, dtype):
@@ -296,6 +271,21 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def decode_rate(dataset, count):
+    """Items per second of `dataset[i]` for the first `count` items on one thread: what one loader worker
+    produces (the map-style corpora open, decode and transform a picture per item)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker process runs one thread
+    try:
+        dataset[0]  # file-system caches and lazy set-up out of the timing
+        start = time.perf_counter()
+        for i in range(count):
+            dataset[i % len(dataset)]
+        return count / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -----------------------------------------------------------------------------
 # One variant
 
@@ -323,8 +313,7 @@ def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, arg
             batches = with_random_vision_features(batches, model.encoder, cfg)
     prepare_batch = pretrain.make_prepare_batch(cfg, tokenizer_info, device)
     autocast = engine.autocast_context(device, cfg.dtype)
-    optimizer = engine.build_optimizer(model, cfg, {"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads},
-                                       verbose=False)
+    optimizer = engine.build_optimizer(model, cfg, engine.lr_scales(cfg, model), verbose=False)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     step_model = torch.compile(model) if cfg.compile else model
@@ -400,7 +389,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--data", choices=("loader", "random"), default="loader")
-    parser.add_argument("--random_init_towers", action="store_true")
+    parser.add_argument("--decode_images", type=int, default=0)
     parser.add_argument("--peak_tflops", type=float, default=0.0)
     parser.add_argument("--json", default="")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # measure one variant, write its row
@@ -428,9 +417,6 @@ def run_child(variant, argv, peak_flops, json_path):
 def main(argv):
     args, config_argv = parse_args(argv)
     cfg = engine.load_config(config_argv)
-    vocab_size = None
-    if args.random_init_towers:
-        cfg, vocab_size = random_init_towers(cfg)
     dist = engine.setup_distributed(cfg)
     if dist.is_ddp:
         raise ValueError("bench.py measures one process: run it with python, not torchrun")
@@ -440,15 +426,10 @@ def main(argv):
         variant_config(cfg, variant)  # an unknown variant fails now, not after the others ran
 
     if args.child:
-        tokenizer = None
-        if args.data == "loader" or vocab_size is None:
-            tokenizer = data.build_tokenizer(cfg)
-            if vocab_size is not None and len(tokenizer) > vocab_size:
-                raise ValueError(f"tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens, more than the paper "
-                                 f"model's {vocab_size}")
+        tokenizer = data.build_tokenizer(cfg) if needs_tokenizer(cfg, args) else None
         info = data.TokenizerInfo.from_tokenizer(tokenizer) if tokenizer is not None else PAPER_TOKENIZER_INFO
         args.peak_flops = args.peak_tflops * 1e12
-        row = bench_variant(variants[0], cfg, dist, vocab_size or len(tokenizer), tokenizer, info, args)
+        row = bench_variant(variants[0], cfg, dist, info.vocab_size, tokenizer, info, args)
         with open(args.json, "w") as f:  # the parent's temporary directory
             json.dump(row, f)
         return row
@@ -465,6 +446,14 @@ def main(argv):
         if fp32 > peak_flops:
             print(f"note: this CPU multiplies {cfg.dtype} matrices {fp32 / peak_flops:.0f}x slower than float32 "
                   f"({fp32 / 1e9:.1f} GFLOP/s): it has no native {cfg.dtype} matmul, so autocast slows training down")
+    decode = None
+    if args.decode_images > 0:
+        train_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg, train=True))[0]
+        if isinstance(train_set, torch.utils.data.IterableDataset):
+            raise ValueError("--decode_images needs map-style corpora (coco, coco_official, vg, synthetic)")
+        decode = decode_rate(train_set, args.decode_images)
+        print(f"data: {decode:.1f} images/s per loader worker (open, decode, transform to uint8; one thread); "
+              f"{cfg.num_workers} workers per process: at most {decode * max(cfg.num_workers, 1):.0f} images/s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, variant in enumerate(variants):
@@ -475,9 +464,10 @@ def main(argv):
     print(f"load average at the end {load_end[0]:.2f}")
     report = {"command": command, "machine": machine_description(dist.device), "dtype": cfg.dtype,
               "micro_batch_size": cfg.micro_batch_size, "image_size": cfg.image_size,
-              "max_text_len": cfg.max_text_len, "data": args.data, "random_init_towers": args.random_init_towers,
+              "max_text_len": cfg.max_text_len, "data": args.data,
               "warmup": args.warmup, "steps": args.steps, "peak_flops": peak_flops, "peak_source": peak_source,
-              "load_average": [load_start[0], load_end[0]], "config": dataclasses.asdict(cfg), "variants": rows}
+              "load_average": [load_start[0], load_end[0]], "decode_images_per_sec_per_worker": decode,
+              "config": dataclasses.asdict(cfg), "variants": rows}
     path = args.json or os.path.join(cfg.out_dir, "bench.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:  # written whole, then renamed: never half a report

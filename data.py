@@ -3,7 +3,8 @@
 Sections, top to bottom:
   1. Synthetic world    procedural scenes rendered with Pillow, written in the COCO-Karpathy and
                         Visual Genome formats so the real readers below read them
-  2. Images and JSON    opening images by content, loading JSON with errors that name file and field
+  2. Images and JSON    opening images by content, loading JSON with errors that name file and field;
+                        progress, the one progress bar of the project
   3. Caption tables     captions held in flat numpy arrays; the map-style CaptionDataset
   4. Corpus readers     COCO Karpathy, COCO official, Visual Genome (map-style)
   5. Streaming corpora  img2dataset shards (CC3M, SBU) and CaptionStream, which mixes sources
@@ -15,7 +16,7 @@ Sections, top to bottom:
  11. Sampling, loading  MicroBatchSampler, ResumableLoader, build_loader
  12. Feature cache      the frozen vision tower's output, computed once: with_cached_vision_features
 
-A caption item is {"image": FloatTensor (3, H, W), "caption": str, "image_id": int}; image ids are
+A caption item is {"image": uint8 tensor (3, H, W), "caption": str, "image_id": int}; image ids are
 unique per picture across all corpora of a run (see IMAGE_ID_OFFSETS).
 """
 
@@ -26,6 +27,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -37,6 +39,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 1. Synthetic world
@@ -256,7 +259,7 @@ def generate_synthetic_world(root, num_images, seed, image_size=64):
         (root / folder).mkdir(parents=True, exist_ok=True)
     karpathy_images, vg_regions, vg_image_data, scenes = [], [], [], []
     sentence_id, region_id = 0, 0
-    for index in range(num_images):
+    for index in progress(range(num_images), num_images, "synthetic world"):
         rng = np.random.default_rng([seed, index])
         image_id = index + 1  # COCO and VG ids start at 1
         objects = sample_scene(rng, image_size)
@@ -395,6 +398,15 @@ def load_or_mark(load, *args):
         return load(*args)
     except BadImageError as e:
         return {BAD_IMAGE: str(e)}
+
+
+def progress(iterable, total, desc, enabled=True):
+    """`iterable` with a tqdm bar on stderr (`desc`, done/total, rate, eta) for a long step. Quiet, a plain
+    pass-through, unless `enabled`, stderr is a terminal (a log file gets no carriage-return noise) and this is
+    the process of global rank 0 (RANK, as torchrun sets it; read here so that it works before or without a
+    process group)."""
+    shown = enabled and sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0
+    return tqdm(iterable, total=total, desc=desc, disable=not shown, file=sys.stderr, dynamic_ncols=True)
 
 
 def _load_json(path):
@@ -615,10 +627,18 @@ class Img2DatasetShards:
         self.root, self.transform, self.image_id_offset = Path(root), transform, image_id_offset
         if not self.root.is_dir():
             raise FileNotFoundError(f"img2dataset folder not found: {self.root}")
-        self.shards = sorted(p for p in self.root.iterdir() if p.is_dir() or p.suffix == ".tar")
+        # img2dataset numbers its shards (00000/, 00001.tar, ...): anything else here is not a shard
+        self.shards = sorted(p for p in self.root.iterdir()
+                             if (p.is_dir() and p.name.isdigit()) or (p.suffix == ".tar" and p.stem.isdigit()))
         if not self.shards:
-            raise ValueError(f"{self.root}: no img2dataset shards (sub-folders of key.jpg/key.txt, or .tar files)")
-        self.shard_sizes = np.array([self._count(shard) for shard in self.shards], dtype=np.int64)
+            others = sorted(p.name + "/" for p in self.root.iterdir() if p.is_dir())
+            raise ValueError(f"{self.root}: no img2dataset shards found here (a shard is a numbered folder such as "
+                             f"00000/ of <key>.jpg + <key>.txt files, or a numbered .tar such as 00000.tar)"
+                             + (f"; it has the folders {', '.join(others[:5])}: give the folder that holds the "
+                                "shards" if others else ""))
+        self.shard_sizes = np.array([self._count(shard) for shard in
+                                     progress(self.shards, len(self.shards), f"indexing {self.root.name}")],
+                                    dtype=np.int64)
 
     def __len__(self):
         return int(self.shard_sizes.sum())
@@ -827,11 +847,10 @@ def build_tokenizer(cfg):
         raise ValueError(f"text_tower={cfg.text_tower!r} is a family name (random init) and brings no tokenizer: "
                          "set tokenizer to a hub name, a local directory or 'synthetic'")
     from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # transformers raises OSError, ValueError, HTTP errors... all mean "cannot load"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"could not load tokenizer {name!r}: {reason}") from None
+
+    from model import from_hub_or_directory
+    tokenizer = from_hub_or_directory(AutoTokenizer.from_pretrained, name, "tokenizer",
+                                      "give a local directory (save_pretrained output) or tokenizer='synthetic'")
     if not tokenizer.is_fast:
         raise ValueError(f"tokenizer {name!r} is not a fast tokenizer; whole-word masking needs its word_ids")
     return tokenizer
@@ -855,16 +874,20 @@ class TokenizerInfo:
 # 8. Image transforms
 
 def build_transform(cfg, train=True):
-    """PIL image -> normalised float tensor (3, image_size, image_size). With cfg.augment (training only):
-    a mild random resized crop and no horizontal flip, because a flip would make captions with
-    'left of' / 'on the right' false."""
+    """PIL image -> uint8 tensor (3, image_size, image_size). The model normalises it with image_mean and
+    image_std on its device (model.PixelNormalize), so loader workers do no float work and send a quarter of the
+    bytes. With cfg.augment (training only): a mild random resized crop and no horizontal flip, because a flip
+    would make captions with 'left of' / 'on the right' false. Otherwise cfg.image_resize: "squash" resizes to
+    the square, "crop" resizes the shorter side bicubically and centre-crops the square (the original's)."""
     size = (cfg.image_size, cfg.image_size)
     if cfg.augment and train:
         resize = v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True)
+    elif cfg.image_resize == "crop":
+        resize = v2.Compose([v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                             v2.CenterCrop(size)])
     else:
         resize = v2.Resize(size, antialias=True)
-    return v2.Compose([v2.ToImage(), resize, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(list(cfg.image_mean), list(cfg.image_std)), v2.ToPureTensor()])
+    return v2.Compose([v2.ToImage(), resize, v2.ToPureTensor()])
 
 
 # -----------------------------------------------------------------------------
@@ -872,13 +895,15 @@ def build_transform(cfg, train=True):
 
 class PretrainCollator:
     """Caption items -> the pretraining batch: clean captions padded to the batch's longest (at most
-    max_text_len tokens). Masking and ITM pairing happen later, in the main process."""
+    max_text_len tokens), or all to max_text_len with fixed_length (for torch.compile, which would otherwise
+    meet a new shape with every new longest caption). Masking and ITM pairing happen later, in the main process."""
 
-    def __init__(self, tokenizer, max_text_len):
+    def __init__(self, tokenizer, max_text_len, fixed_length=False):
         self.tokenizer, self.max_text_len = tokenizer, max_text_len
+        self.padding = "max_length" if fixed_length else "longest"
 
     def __call__(self, items):
-        encoded = self.tokenizer([item["caption"] for item in items], padding="longest", truncation=True,
+        encoded = self.tokenizer([item["caption"] for item in items], padding=self.padding, truncation=True,
                                  max_length=self.max_text_len, return_special_tokens_mask=True,
                                  return_tensors="pt")
         word_ids = [[-1 if w is None else w for w in encoded.word_ids(b)] for b in range(len(items))]
@@ -1027,11 +1052,15 @@ class ResumableLoader:
     stream's workers must be restarted to see the new epoch and resume point.
     Bad images: an item whose image is missing, truncated or not an image is dropped from its batch and
     counted (pop_skipped reports them); a micro-batch left empty is consumed without being handed out.
-    With strict_images the first one raises BadImageError, with its path, in the main process."""
+    With strict_images the first one raises BadImageError, with its path, in the main process.
+    Another process count on resume: the state records the world size, and a run resumed with another one
+    starts at the first global micro-batch of the epoch that no process has consumed yet (rounded up to a
+    whole round of the new world size, so no sample is seen twice; at most world_size - 1 are skipped)."""
 
     def __init__(self, dataset, micro_batch_size, rank, world_size, seed, collate, num_workers=0, pin_memory=False,
                  strict_images=False):
         self.epoch, self.batches_done = 0, 0
+        self.world_size = world_size
         self.strict_images = strict_images
         self.skipped, self.skipped_examples = 0, []
         self.stream = dataset if isinstance(dataset, IterableDataset) else None
@@ -1052,7 +1081,7 @@ class ResumableLoader:
                                      persistent_workers=num_workers > 0, **common)
 
     def state_dict(self):
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "world_size": self.world_size}
 
     def pop_skipped(self):
         """(items dropped for a bad image since the last call, the first few distinct messages), then reset."""
@@ -1075,6 +1104,10 @@ class ResumableLoader:
 
     def load_state_dict(self, state):
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        saved_world_size = int(state.get("world_size", self.world_size))
+        if saved_world_size != self.world_size:  # batches_done counts this process's share of the global order
+            consumed = self.batches_done * saved_world_size  # global micro-batches of this epoch
+            self.batches_done = -(-consumed // self.world_size)
 
     def __iter__(self):
         while True:
@@ -1180,7 +1213,8 @@ def with_cached_vision_features(dataset, cfg, encoder, device, autocast, local_r
         k = table.caption_image[i - starts[p]]
         pictures.append((os.path.join(table.root, table.image_paths[k]), parts[p].transform))
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr((FEATURE_CACHE_VERSION, cfg.dtype, [repr(t) for t in dict.fromkeys(t for _, t in pictures)],
+    digest.update(repr((FEATURE_CACHE_VERSION, cfg.dtype, cfg.image_mean, cfg.image_std,  # the model normalises
+                        [repr(t) for t in dict.fromkeys(t for _, t in pictures)],
                         [path for path, _ in pictures])).encode())
     digest.update(ids.tobytes())
     _weights_digest(encoder.vision_tower, digest)
@@ -1210,7 +1244,7 @@ def _compute_vision_features(pictures, encoder, device, autocast, cfg, array_pat
     features, bad, row = None, {}, 0
     start = time.time()
     try:
-        for images, good, failed in loader:
+        for images, good, failed in progress(loader, len(loader), "vision feature cache"):
             if failed and cfg.strict_images:
                 raise BadImageError(f"{next(iter(failed.values()))} (strict_images=True stops at the first bad image)")
             bad.update({row + j: message for j, message in failed.items()})

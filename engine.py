@@ -1,6 +1,7 @@
 """Training machinery shared by pretrain.py and finetune.py: the config, torchrun set-up, mixed precision,
-the optimizer and learning-rate schedule, atomic checkpoints, the run directory and the training loop
-(nanoGPT's train.py, factored once). `python engine.py` prints the config reference table for the README.
+the optimizer and learning-rate schedule, atomic checkpoints, the run directory, logging (log.jsonl, optional
+TensorBoard and W&B trackers) and the training loop (nanoGPT's train.py, factored once). `python engine.py`
+prints the config reference table for the README.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ast
 import datetime
 import difflib
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -22,6 +24,7 @@ import tempfile
 import time
 import traceback
 import typing
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -43,13 +46,15 @@ class Config:
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda" or "cuda:N"
     dtype: str = "float32"  # "float32", "bfloat16" or "float16" (autocast; float16 adds a gradient scaler)
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
-    compile: bool = False  # torch.compile the model before the DDP wrap
+    compile: bool = False  # torch.compile the model in place, then wrap it in DDP (torch's advice); pretraining pads captions to max_text_len
+    matmul_precision: str = "high"  # CUDA float32 matmuls: "high" (TF32 tensor cores), "medium" (bf16) or "highest" (exact fp32); no effect on CPU
     # model
     model_type: str = "two_tower"  # "two_tower" (two towers + cross-modal layers) or "one_tower" (one joint stack)
     text_tower: str = "google/electra-small-discriminator"  # hub name, directory, or family (bert, electra, roberta): random init
     text_pretrained: bool = True  # load the text tower's pretrained weights; False = random init of the same shape
     vision_tower: str = "facebook/deit-tiny-patch16-224"  # hub name, directory, or family (vit, deit, beit): random init
     vision_pretrained: bool = True  # load the vision tower's pretrained weights; False = random init of the same shape
+    random_init_towers: bool = False  # build hub-named towers offline from random init at the hub models' exact sizes, vocabulary included (model.HUB_TOWERS)
     tokenizer: str = ""  # "" = the text tower's tokenizer; a hub name or directory; or "synthetic" (grammar vocabulary)
     text_hidden_size: int = -1  # random init: text hidden size (-1 keeps the tower's own)
     text_layers: int = -1  # random init: text layers (-1 keeps the tower's own)
@@ -68,7 +73,9 @@ class Config:
     cross_heads: int = 4  # two-tower: cross-modal attention heads
     cross_mlp_ratio: float = 4.0  # two-tower: cross-modal MLP width / hidden size
     cross_dropout: float = 0.1  # two-tower: cross-modal dropout rate
+    cross_layer_type: str = "meter"  # two-tower: "lxmert" (the paper's: cross-attention shared by both streams, then self-attention, FFN; post-LN) or "meter" (per-stream self-attention, cross-attention, FFN; pre-LN)
     onetower_stack: str = "text"  # one-tower: take the encoder stack from the "text" or the "vision" tower
+    onetower_embeddings: str = "tower"  # one-tower: "tower" reuses the stack model's embeddings for its modality; "fresh" (the paper's) builds new random word and patch embeddings and reuses only the layers
     pooling: str = "double"  # one-tower: "double" (text CLS + image CLS) or "single" (first CLS only)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     # freezing
@@ -78,6 +85,7 @@ class Config:
     freeze_modules: list[str] = field(default_factory=list)  # further modules to freeze, by dotted name
     text_trainable_top: int = -1  # train only the top k text layers (-1 = all)
     vision_trainable_top: int = -1  # train only the top k vision layers (-1 = all)
+    frozen_dropout: bool = False  # keep dropout on in frozen modules during training (the original's behaviour; default: frozen modules run in eval mode)
     # data
     data_root: str = "data"  # root of the raw dataset folders
     corpora: list[str] = field(default_factory=lambda: ["coco", "vg"])  # any of coco, coco_official, vg, cc3m, sbu, synthetic
@@ -89,6 +97,7 @@ class Config:
     synthetic_seed: int = 0  # seed of the synthetic world (separate from seed, so training seeds share one world)
     synthetic_image_size: int = 64  # side in pixels of the rendered synthetic pictures
     image_size: int = 224  # image side in pixels after the transform
+    image_resize: str = "squash"  # "squash": resize to image_size x image_size; "crop" (the original's): shorter side to image_size, bicubic, then centre crop
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation standard deviation
     augment: bool = False  # random resized crop of training images (no flip: it would falsify "left of" captions)
@@ -115,7 +124,7 @@ class Config:
     lr_decay: str = "linear"  # decay after warmup: "linear" or "cosine"
     min_lr_ratio: float = 0.0  # final learning rate as a fraction of lr
     grad_clip: float = 1.0  # clip the gradient norm to this (0 = no clipping)
-    lr_mult_cross: float = 5.0  # learning-rate multiplier of the cross-modal layers
+    lr_mult_cross: float = 5.0  # learning-rate multiplier of the cross-modal layers (two-tower only: a one-tower run refuses it on the command line)
     lr_mult_heads: float = 5.0  # learning-rate multiplier of the task heads
     # logging and checkpoints
     log_interval: int = 10  # optimizer steps between training log lines
@@ -123,6 +132,8 @@ class Config:
     eval_batches: int = 50  # validation batches per evaluation
     ckpt_interval: int = 1000  # optimizer steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept in out_dir
+    trackers: list[str] = field(default_factory=list)  # also send the log lines to any of "tensorboard" (out_dir/tensorboard), "wandb"; log.jsonl is always written
+    wandb_project: str = "vlenc"  # W&B project of the run (no network: WANDB_MODE=offline)
     # fine-tuning and evaluation
     task: str = ""  # finetune.py / evaluate.py task: nlvr2, snli_ve, refcoco(_plus, g), coco_retrieval, f30k_retrieval, vqa, a GLUE task, cifar10
     synthetic_task: bool = False  # read the task's synthetic version, generated in the official layout under data_root/synthetic
@@ -141,8 +152,11 @@ class Config:
 
 KEY_TYPES = typing.get_type_hints(Config)
 CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "lr_decay": ("linear", "cosine"),
+           "matmul_precision": ("highest", "high", "medium"),
            "model_type": ("two_tower", "one_tower"), "onetower_stack": ("text", "vision"),
-           "pooling": ("double", "single"), "pretrain_pass": ("separate", "shared")}
+           "pooling": ("double", "single"), "pretrain_pass": ("separate", "shared"),
+           "cross_layer_type": ("lxmert", "meter"), "onetower_embeddings": ("tower", "fresh"),
+           "image_resize": ("squash", "crop")}
 AT_LEAST_ONE = ("batch_size", "micro_batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches",
                 "ckpt_interval", "keep_checkpoints")
 
@@ -231,23 +245,29 @@ def load_config(argv):
     """Config from `[CONFIG.py] [--key=value ...]` (defaults < config file < command line), validated for
     the WORLD_SIZE that torchrun set (1 without torchrun). Bad input raises ConfigError."""
     values = asdict(Config())
-    args = list(argv)
-    if args and not args[0].startswith("--"):
+    if argv and not argv[0].startswith("--"):
         namespace = dict(values)
-        _exec_config_file(args.pop(0), namespace, [])
+        _exec_config_file(argv[0], namespace, [])
         values = {key: namespace[key] for key in values}
-    for arg in args:
+    values.update(command_line_overrides(argv))
+    cfg = Config(**values)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    refuse_overwrite(cfg)
+    return cfg
+
+
+def command_line_overrides(argv):
+    """{key: checked value} of the `--key=value` arguments of `[CONFIG.py] [--key=value ...]`."""
+    overrides = {}
+    for arg in argv[1:] if argv and not argv[0].startswith("--") else argv:
         match = re.fullmatch(r"--(\w+)=(.*)", arg, re.DOTALL)
         if match is None:
             raise ConfigError(f"command line: expected --key=value, got '{arg}'")
         key, raw = match.groups()
         if key not in KEY_TYPES:
             raise _unknown_key(key, "command line")
-        values[key] = _check_value(key, _parse_cli_value(raw, KEY_TYPES[key]), KEY_TYPES[key], "command line")
-    cfg = Config(**values)
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    refuse_overwrite(cfg)
-    return cfg
+        overrides[key] = _check_value(key, _parse_cli_value(raw, KEY_TYPES[key]), KEY_TYPES[key], "command line")
+    return overrides
 
 
 def validate(cfg, world_size=1):
@@ -275,6 +295,9 @@ def validate(cfg, world_size=1):
     if cfg.vision_feature_cache and (cfg.model_type != "two_tower" or not cfg.freeze_vision or cfg.augment):
         raise ConfigError(f"vision_feature_cache needs model_type='two_tower', freeze_vision=True and augment=False "
                           f"(got {cfg.model_type!r}, {cfg.freeze_vision}, {cfg.augment})")
+    if cfg.image_resize == "crop" and cfg.task.startswith("refcoco"):
+        raise ConfigError(f"image_resize='crop' would cut off boxes of task={cfg.task!r}: use image_resize='squash'")
+    check_trackers(cfg)
     fractions = {"min_lr_ratio": cfg.min_lr_ratio, "mlm_prob": cfg.mlm_prob, "itm_neg_prob": cfg.itm_neg_prob,
                  "betas[0]": cfg.betas[0], "betas[1]": cfg.betas[1]}
     for key, value in fractions.items():
@@ -339,6 +362,9 @@ def setup_distributed(cfg):
         if not torch.cuda.is_available():
             raise ConfigError(f"device={cfg.device!r} but no CUDA device is available")
         torch.cuda.set_device(device)
+        # Without TF32, float32 matmuls (float32 runs, and the parts autocast keeps in float32) run on CUDA cores
+        # at a fraction of the tensor cores' rate; a CPU matmul ignores the setting.
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
     is_ddp = world_size > 1
     if is_ddp:
         if rank == 0 and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" \
@@ -385,6 +411,23 @@ def autocast_context(device, dtype):
 
 # ----------------------------------------------------------------------------------------------------
 # Optimizer and learning rate
+
+# Each lr_mult_* key and the module group (model.module_groups()) whose learning rate it multiplies.
+LR_MULTIPLIERS = {"lr_mult_cross": "cross_modal", "lr_mult_heads": "heads"}
+
+
+def lr_scales(cfg, model, command_line=()):
+    """{module group: multiplier} from the lr_mult_* keys, for the groups `model` has. A key whose group the model
+    lacks (a one-tower model has no cross-modal layers) is ignored when its value comes from the defaults or a
+    config file, because one config often serves both model types (a task config takes the architecture from
+    init_from); given on the command line (`command_line`: the keys set there), it is a ConfigError."""
+    groups = model.module_groups()
+    for key, group in LR_MULTIPLIERS.items():
+        if group not in groups and key in command_line:
+            raise ConfigError(f"{key} is set on the command line, but this {cfg.model_type} model has no "
+                              f"'{group}' group (it has {', '.join(groups)})")
+    return {group: getattr(cfg, key) for key, group in LR_MULTIPLIERS.items() if group in groups}
+
 
 def build_optimizer(model, cfg, lr_scales, verbose=True):
     """AdamW over the trainable parameters of `model.module_groups()`: per group one param group with weight
@@ -464,6 +507,19 @@ def latest_checkpoint(out_dir):
     return found[-1][1] if found else None
 
 
+def resolve_checkpoint(path, key):
+    """The checkpoint file `path` names: the file itself, or the newest ckpt_<step>.pt of a run directory.
+    `key` (e.g. "init_from") names the setting in the one-line error when there is none."""
+    if os.path.isdir(path):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{key}={path!r}: no ckpt_<step>.pt in that directory")
+        return found
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}={path!r}: no such checkpoint file or run directory")
+    return path
+
+
 def _rng_state(device):
     """This process's RNG states in types torch.load(weights_only=True) accepts."""
     version, internal, gauss_next = random.getstate()
@@ -477,13 +533,16 @@ def _rng_state(device):
 
 
 def _set_rng_state(state, device):
+    """Restore what _rng_state saved. A run may move between machines: a checkpoint written on a CPU has no CUDA
+    state (this device's CUDA generator keeps its seed from setup_distributed), and one written on a GPU resumes
+    on a CPU without its CUDA state. Python, numpy and torch's CPU generator are always restored."""
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     keys, pos, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _named_tensors(tree, prefix):
@@ -550,8 +609,10 @@ def _truncate_log(path, step):
 
 
 def save_checkpoint(cfg, dist, step, model, optimizer, scaler, loader):
-    """Write out_dir/ckpt_<step>.pt (model = the unwrapped module) and keep the newest keep_checkpoints.
-    Every rank calls it (each contributes its RNG state); the master writes; the others wait."""
+    """Write out_dir/ckpt_<step>.pt (model = the unwrapped module) and keep the newest keep_checkpoints. Beside
+    the weights it records the towers' Hugging Face configs (tower_configs), so that a resumed run, finetune.py,
+    evaluate.py and export.py rebuild the model without the towers' hub name or directory. Every rank calls it
+    (each contributes its RNG state); the master writes; the others wait."""
     rng = [_rng_state(dist.device)]
     if dist.is_ddp:
         rng = [None] * dist.world_size
@@ -560,6 +621,8 @@ def save_checkpoint(cfg, dist, step, model, optimizer, scaler, loader):
     if dist.master:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "step": step, "config": asdict(cfg), "rng": rng, "loader": loader.state_dict()}
+        if hasattr(model, "tower_configs"):  # model.FreezableModel: rebuild the towers without their source
+            state["tower_configs"] = model.tower_configs()
         tensors = [*_named_tensors(state["model"], "model"), *_named_tensors(state["optimizer"]["state"], "optimizer")]
         for name, tensor in tensors:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -636,15 +699,89 @@ def prepare_run_dir(cfg, dist):
 
 
 class JsonlLogger:
-    """Appends one JSON object per line to `path` (opened per line, so every line is on disk at once)."""
+    """Appends one JSON object per line to `path` (opened per line, so every line is on disk at once), then
+    hands the record to each tracker (TensorBoard, W&B: open_trackers). log.jsonl is the source of truth."""
 
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path, enabled=True, trackers=()):
+        self.path, self.enabled, self.trackers = path, enabled, list(trackers) if enabled else []
 
     def log(self, record):
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self):
+        for tracker in self.trackers:
+            tracker.close()
+
+
+# Experiment trackers: optional mirrors of log.jsonl, chosen by cfg.trackers, each opened on the master only.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker -> the package it needs
+
+
+def check_trackers(cfg):
+    """Unknown trackers and missing packages are refused at start-up, before any work (a ConfigError)."""
+    for name in cfg.trackers:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"trackers: {name!r} is not one of {', '.join(TRACKER_PACKAGES)}")
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(f"trackers: {name!r} needs the {TRACKER_PACKAGES[name]} package, which is not "
+                              f"installed (pip install {TRACKER_PACKAGES[name]}, or drop it from trackers)")
+
+
+def tracked_scalars(record):
+    """A log record's numbers as {"<split>/<name>": value}: train lines under train/, evaluation lines under
+    their split (val/, test/, ...); lists and strings (bad_images, split) stay in log.jsonl only."""
+    split = record.get("split", "train")
+    return {f"{split}/{key}": float(value) for key, value in record.items()
+            if key not in ("step", "split") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+class TensorBoardTracker:
+    """Scalars in out_dir/tensorboard. A run resumed at step s first drops the events logged after s (purge_step:
+    those at s + 1 and later), as _truncate_log drops those lines of log.jsonl."""
+
+    def __init__(self, cfg, step):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=step + 1 if step else None)
+
+    def log(self, record):
+        for tag, value in tracked_scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
+        self.writer.flush()  # on disk at once, like log.jsonl
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbTracker:
+    """One W&B run per run directory: its id is kept in out_dir/wandb_id, so a resumed run continues the same
+    W&B run. Offline (no network) with the environment variable WANDB_MODE=offline; `wandb sync` uploads later."""
+
+    def __init__(self, cfg, step):
+        import wandb
+        id_path = os.path.join(cfg.out_dir, "wandb_id")
+        if not os.path.exists(id_path):
+            with open(id_path, "w") as f:
+                f.write(uuid.uuid4().hex[:16])
+        with open(id_path) as f:
+            run_id = f.read().strip()
+        self.run = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=cfg.out_dir,
+                              name=os.path.basename(os.path.abspath(cfg.out_dir)), config=asdict(cfg))
+
+    def log(self, record):
+        self.run.log(tracked_scalars(record), step=record["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+def open_trackers(cfg, step):
+    """The trackers cfg.trackers names, opened for a run that starts (or resumes) at optimizer step `step`."""
+    kinds = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+    return [kinds[name](cfg, step) for name in dict.fromkeys(cfg.trackers)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -727,7 +864,11 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
         os.makedirs(cfg.out_dir, exist_ok=True)
     raw_model = model
     if cfg.compile:
-        model = torch.compile(model)
+        # In place, then the DDP wrap, as torch's docs advise ("Where to apply torch.compile?"): the compiled
+        # forward runs inside DDP's forward, where dynamo's DDPOptimizer splits the graph at DDP's gradient-bucket
+        # boundaries, so each bucket's all-reduce still overlaps the rest of backward. Compiling the DDP wrapper
+        # itself is what those docs advise against. In place, the state dict keeps its keys.
+        model.compile()
     eval_model = model  # not the DDP wrapper: its forward would sync buffers, so every rank would need the same batches
     if dist.is_ddp:
         model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
@@ -743,11 +884,13 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
             _set_rng_state(ckpt["rng"][dist.rank], dist.device)
         elif dist.master:
             print(f"note: checkpoint from {len(ckpt['rng'])} processes, now {dist.world_size}: RNG streams restart")
-    logger = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.master)
     if dist.master:
         for name in _remove_partial_saves(cfg.out_dir):
             print(f"removed {name}: a checkpoint save cut short by a crash")
-        _truncate_log(logger.path, step)
+        _truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), step)
+    logger = JsonlLogger(os.path.join(cfg.out_dir, "log.jsonl"), enabled=dist.master,
+                         trackers=open_trackers(cfg, step) if dist.master else ())
+    if dist.master:
         group_lrs = {g["name"]: cfg.lr * g["lr_scale"] for g in optimizer.param_groups}
         print(f"world size {dist.world_size} | micro batch {cfg.micro_batch_size} | accumulation {accum} | "
               f"global batch {cfg.batch_size} | peak lr {cfg.lr:.2e}")
@@ -810,6 +953,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
             save_checkpoint(cfg, dist, step, raw_model, optimizer, scaler, loader)
         if log_now:  # the next interval's clock starts after evaluation and saving
             sums, grad_norm_sum, skipped_steps, interval_start, t0 = {}, 0.0, 0, step, time.time()
+    logger.close()
     return summary
 
 

@@ -5,7 +5,8 @@
     torchrun --standalone --nproc_per_node=2 evaluate.py out/coco_retrieval
     python evaluate.py out/nlvr2_* out/snli_ve_* out/refcoco_*   (several runs: one table)
 
-Each run is rebuilt from its config.json (command-line keys override it) and its newest checkpoint. For each
+Each run is rebuilt from its config.json (command-line keys override it) and its newest checkpoint, whose
+recorded tower configs stand in for the towers' hub names or directories. For each
 split of eval_splits it writes out_dir/eval/<task>_<split>_predictions.<csv|json|tsv> (the evaluation
 server's format where one exists: VQA results, GLUE TSV, NLVR2 CSV) and <task>_<split>_metrics.json, and
 appends an evaluation line to log.jsonl; a split whose metrics file already comes from the newest checkpoint
@@ -38,8 +39,9 @@ def run_config(run_dir, overrides):
     args = [f"--{key}={value}" if isinstance(value, str) else f"--{key}={value!r}" for key, value in saved.items()
             if key in engine.KEY_TYPES]  # a key that this version no longer has is skipped
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    fixed = [f"--out_dir={run_dir}", f"--batch_size={saved['micro_batch_size'] * world_size}"]
-    return engine.load_config(args + fixed + list(overrides))
+    micro_batch_size = engine.command_line_overrides(overrides).get("micro_batch_size", saved["micro_batch_size"])
+    fixed = [f"--out_dir={run_dir}", f"--batch_size={micro_batch_size * world_size}"]
+    return engine.load_config(args + list(overrides) + fixed)
 
 
 def model_name(cfg):
@@ -67,8 +69,8 @@ def evaluate_run(cfg, dist):
 
     label_names = json.loads((Path(cfg.out_dir) / "labels.json").read_text())
     tokenizer = data.build_tokenizer(cfg)
-    model = task.build_model(build_encoder(cfg, len(tokenizer)), label_names)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    model = task.build_model(build_encoder(cfg, len(tokenizer), state.get("tower_configs")), label_names)
     model.load_state_dict(state["model"])
     model.to(dist.device).eval()
     transform = data.build_transform(cfg, train=False)

@@ -37,22 +37,10 @@ ARCHITECTURE_KEYS = (
     "model_type", "text_tower", "text_pretrained", "vision_tower", "vision_pretrained", "tokenizer",
     "text_hidden_size", "text_layers", "text_heads", "text_mlp_ratio", "text_embedding_size",
     "vision_hidden_size", "vision_layers", "vision_heads", "vision_mlp_ratio", "patch_size",
-    "cross_layers", "cross_hidden", "cross_heads", "cross_mlp_ratio", "onetower_stack", "pooling",
-    "image_mean", "image_std")
+    "cross_layers", "cross_hidden", "cross_heads", "cross_mlp_ratio", "cross_layer_type", "onetower_stack",
+    "onetower_embeddings", "pooling", "image_mean", "image_std")
 PRETRAINING_HEADS = ("mlm_head.", "itm_head.")  # in a pretraining checkpoint, unused by downstream models
 NEW_HEAD = "head."  # every downstream model's head (tasks/)
-
-
-def pretraining_checkpoint(init_from):
-    """The checkpoint file init_from names: the file itself, or the newest ckpt_<step>.pt of a run directory."""
-    if os.path.isdir(init_from):
-        path = engine.latest_checkpoint(init_from)
-        if path is None:
-            raise FileNotFoundError(f"init_from={init_from!r}: no ckpt_<step>.pt in that directory")
-        return path
-    if not os.path.isfile(init_from):
-        raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint file or run directory")
-    return init_from
 
 
 def adopt_architecture(cfg, saved, source, verbose=True):
@@ -83,7 +71,7 @@ def main(argv):
     task = tasks.get_task(cfg.task)
     pretrained, source = None, None
     if cfg.init_from:
-        source = pretraining_checkpoint(cfg.init_from)
+        source = engine.resolve_checkpoint(cfg.init_from, "init_from")
         pretrained = torch.load(source, map_location="cpu", weights_only=True, mmap=True)  # mmap: read what is used
         cfg = adopt_architecture(cfg, pretrained["config"], source, verbose=int(os.environ.get("RANK", "0")) == 0)
     dist = engine.setup_distributed(cfg)
@@ -97,7 +85,8 @@ def main(argv):
     task.check_evaluation_images(cfg, val_split, val_set, eval_transform, label_names)
 
     malformed = malformed_rows(train_set, val_set)  # rows the readers skipped, reported at start and in the log
-    model = task.build_model(build_encoder(cfg, len(tokenizer)), label_names)
+    towers = pretrained.get("tower_configs") if pretrained else None  # no need for the towers' source
+    model = task.build_model(build_encoder(cfg, len(tokenizer), towers), label_names)
     resuming = cfg.resume and engine.latest_checkpoint(cfg.out_dir) is not None  # engine.train restores it
     loaded = load_pretrained(model, task, pretrained["model"], source) if pretrained and not resuming else None
     del pretrained
@@ -107,6 +96,7 @@ def main(argv):
         model.get_submodule(name).requires_grad_(False)
     model.frozen_modules += unused
     engine.require_trainable(model)
+    lr_scales = engine.lr_scales(cfg, model, engine.command_line_overrides(argv))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.to(dist.device)
@@ -135,14 +125,14 @@ def main(argv):
         with open(path + ".tmp", "w") as f:
             json.dump(label_names, f)
         os.replace(path + ".tmp", path)
+
     def first_log_line_notes():  # the skipped rows go into the run's first training log line
         notes = {"malformed_rows": dict(malformed)} if malformed else {}
         malformed.clear()
         return notes
 
-    lr_scales = {"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads}
     engine.train(cfg, dist, model, loader, prepare_batch, evaluate, extra_log=first_log_line_notes,
-                 lr_scales={k: v for k, v in lr_scales.items() if k in model.module_groups()})
+                 lr_scales=lr_scales)
     engine.cleanup_distributed()
 
 

@@ -3,7 +3,7 @@
 Two model types, one output contract (`EncoderOutput`), so heads and losses never care which built it:
 
   OneTowerEncoder  word pieces + image patches -> one joint sequence -> one transformer stack
-  TwoTowerEncoder  text tower + vision tower -> co-attention cross-modal layers (METER-style)
+  TwoTowerEncoder  text tower + vision tower -> co-attention cross-modal layers (LXMERT's or METER's)
 
 Both expose the same three steps: `encode_text`, `encode_image`, `fuse`. `forward` is the three in a row.
 On top sit the heads (MLM, ITM, classifier), `PretrainModel` (MLM + ITM losses) and `TaskModel`
@@ -11,14 +11,17 @@ On top sit the heads (MLM, ITM, classifier), `PretrainModel` (MLM + ITM losses) 
 """
 
 import inspect
+import json
 import math
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_model
 from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, AutoModel, BeitConfig, BertConfig, DeiTConfig, ElectraConfig,
                           RobertaConfig, ViTConfig)
@@ -35,8 +38,78 @@ TEXT_MODEL_TYPES = {"bert", "electra", "roberta", "xlm-roberta", "camembert", "a
 VISION_MODEL_TYPES = {"vit", "deit", "beit", "data2vec-vision", "dinov2", "vit_msn", "vit_mae"}
 
 
+# What random_init_towers builds in place of a hub name, offline: the family and the hub model's dimensions
+# (its config.json values). Every text model here has BERT's uncased WordPiece vocabulary, every vision model
+# 16-pixel patches.
+HUB_TOWERS = {
+    "google/electra-small-discriminator": ("electra", dict(
+        hidden_size=256, num_hidden_layers=12, num_attention_heads=4, intermediate_size=1024, embedding_size=128,
+        vocab_size=30522)),
+    "google/electra-base-discriminator": ("electra", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, embedding_size=768,
+        vocab_size=30522)),
+    "bert-base-uncased": ("bert", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522)),
+    "facebook/deit-tiny-patch16-224": ("deit", dict(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, patch_size=16)),
+    "google/vit-base-patch16-224-in21k": ("vit", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16)),
+    "google/vit-base-patch16-224": ("vit", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16)),
+}
+
+
 class TowerLoadError(ValueError):
     """A tower or its config could not be loaded; the message is one line naming it."""
+
+
+def one_line(error):
+    """An exception's whole message as one line (transformers' messages run over several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def hub_unreachable(timeout=5.0):
+    """Why the Hugging Face hub cannot be reached, from one request without retries; "" when it answers at all."""
+    from huggingface_hub import constants, get_session
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # the HTTP client's connection errors: refused, no route, name not resolved, timeout
+        return one_line(e)
+    return ""
+
+
+def from_hub_or_directory(load, name, key, offline_fix):
+    """`load(name, **kwargs)` (a from_pretrained) for config key `key`, each failure one line naming the key.
+
+    A local directory is read as it is, and a path that is not one is reported as such. A hub name is read from
+    the local cache first; the hub is asked only when HF_HUB_OFFLINE is unset and one request shows that it answers,
+    so without hub access the run fails in seconds (transformers would retry for half a minute), saying
+    `offline_fix`: how to run without the hub.
+    """
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        try:
+            return load(path)
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError... all mean "cannot load"
+            raise TowerLoadError(f"could not load {key} from directory '{name}': {one_line(e)}") from None
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a hub name is "name" or "namespace/name"
+        raise TowerLoadError(f"{key}: directory '{name}' does not exist")
+    try:
+        return load(name, local_files_only=True)
+    except Exception:
+        pass  # not in the cache
+    from huggingface_hub import constants
+    if constants.is_offline_mode():
+        raise TowerLoadError(f"could not load {key} '{name}': it is not in the local Hugging Face cache and "
+                             f"HF_HUB_OFFLINE is set; {offline_fix}")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise TowerLoadError(f"could not load {key} '{name}': the Hugging Face hub ({constants.ENDPOINT}) is "
+                             f"unreachable ({unreachable}) and '{name}' is not in the local cache; {offline_fix}")
+    try:
+        return load(name)
+    except Exception as e:
+        raise TowerLoadError(f"could not load {key} '{name}' from the hub: {one_line(e)}") from None
 
 
 def _tower_overrides(cfg, modality):
@@ -56,27 +129,43 @@ def _tower_overrides(cfg, modality):
     return dims, rates
 
 
-def load_tower(cfg, modality, vocab_size=None):
+def load_tower(cfg, modality, vocab_size=None, saved_config=None):
     """Build the text or vision tower named by `cfg.<modality>_tower`.
 
     Three ways: a family name ("bert", "vit", ...) -> random init with the config's hand-set dimensions;
     a hub name or local directory with `<modality>_pretrained=True` -> its weights; with False -> random
-    init from its config. Poolers the model never uses are not built, so DDP needs no unused-parameter search.
+    init from its config. With random_init_towers a hub name is built offline from HUB_TOWERS instead, as the hub
+    model's config would build it, vocabulary included (hand-set dimensions still apply). Poolers the model never
+    uses are not built, so DDP needs no unused-parameter search.
+    saved_config: the tower's Hugging Face config dict as a checkpoint recorded it (tower_configs): the tower
+    is rebuilt from it, at random, for the checkpoint's weights, with no access to the tower's source.
     """
     name = getattr(cfg, f"{modality}_tower")
     pretrained = getattr(cfg, f"{modality}_pretrained")
     families = TEXT_FAMILIES if modality == "text" else VISION_FAMILIES
     dims, rates = _tower_overrides(cfg, modality)
-    if name in families:
+    tower_key = f"{modality}_tower"
+    offline_fix = "give a local directory (save_pretrained output), a family name or random_init_towers=True"
+    from_table = cfg.random_init_towers and name not in families and not os.path.isdir(os.path.expanduser(name))
+    if saved_config is not None:
+        config = AutoConfig.for_model(**saved_config)
+        dims = {}  # the recorded config already has the sizes it was built with
+        pretrained = False
+    elif name in families:
         config = families[name]()
         pretrained = False
+    elif from_table:
+        if name not in HUB_TOWERS:
+            raise TowerLoadError(f"random_init_towers: {tower_key} '{name}' is not a hub model it knows "
+                                 f"({', '.join(HUB_TOWERS)}); give a family name and its dimensions instead")
+        family, hub_dims = HUB_TOWERS[name]
+        if family not in families:
+            raise TowerLoadError(f"random_init_towers: {tower_key} '{name}' is a {family} model, "
+                                 f"not a {modality} tower")
+        config = families[family](**hub_dims)
+        pretrained = False
     else:
-        try:
-            config = AutoConfig.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            where = "local directory" if os.path.isdir(name) else "hub name (offline? use a local directory)"
-            raise TowerLoadError(f"could not load {modality}_tower '{name}' as a {where}: "
-                                 f"{str(e).splitlines()[0]}") from None
+        config = from_hub_or_directory(AutoConfig.from_pretrained, name, tower_key, offline_fix)
     allowed = TEXT_MODEL_TYPES if modality == "text" else VISION_MODEL_TYPES
     if config.model_type not in allowed:
         kind = "text encoder of the BERT family" if modality == "text" else "transformer vision encoder"
@@ -90,21 +179,26 @@ def load_tower(cfg, modality, vocab_size=None):
         setattr(config, key, value)
     if mlp_ratio:
         config.intermediate_size = int(mlp_ratio * config.hidden_size)
-    if modality == "text" and not pretrained and vocab_size is not None:
+    if modality == "text" and not pretrained and vocab_size is not None and not from_table:
         config.vocab_size = vocab_size
     if modality == "vision" and not pretrained:
         config.image_size = cfg.image_size
         if cfg.patch_size > 0:
             config.patch_size = cfg.patch_size
     config._attn_implementation = "sdpa"
+    model_class, kwargs = _tower_class(config)
+    if pretrained:
+        return from_hub_or_directory(lambda path, **flags: model_class.from_pretrained(path, config=config, **kwargs,
+                                                                                        **flags),
+                                     name, f"{tower_key} weights", offline_fix)
+    return model_class(config, **kwargs)
+
+
+def _tower_class(config):
+    """The Hugging Face model class of `config`, and the keyword that leaves out a pooler the model never uses."""
     model_class = AutoModel._model_mapping[type(config)]
     kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
-    if pretrained:
-        try:
-            return model_class.from_pretrained(name, config=config, **kwargs)
-        except OSError as e:
-            raise TowerLoadError(f"could not load {modality}_tower weights '{name}': {str(e).splitlines()[0]}") from None
-    return model_class(config, **kwargs)
+    return model_class, kwargs
 
 
 def _layers_path(tower):
@@ -139,6 +233,20 @@ def requires_grad(module):
     return any(p.requires_grad for p in module.parameters())
 
 
+def init_bert_style(module):
+    """BERT's initialisation, as the original gives every module it adds: Linear and Embedding weights
+    N(0, 0.02) with zero biases, LayerNorm weight 1 and bias 0. Returns the module."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
 # -----------------------------------------------------------------------------
 # The output contract
 
@@ -158,14 +266,40 @@ class Embedded:
     """One modality after its encoder-side step, before fusion."""
     feats: torch.Tensor  # (B, S, D)
     mask: torch.Tensor   # (B, S) 1 for real positions
+    unpadded: bool = False  # known without looking (image patches): every position is real, mask is all ones
 
     def select(self, index):
-        return Embedded(self.feats[index], self.mask[index])
+        return Embedded(self.feats[index], self.mask[index], self.unpadded)
+
+    def key_mask(self):
+        """The (B, S) mask attention over these positions needs: None where nothing is padded, so that
+        scaled_dot_product_attention may take its fastest kernels (FlashAttention accepts no mask at all).
+        Read from the flag, never from the values: checking the mask on the GPU would wait for the device."""
+        return None if self.unpadded else self.mask
 
 
 def additive_mask(mask, dtype):
     """(B, S) 1/0 -> (B, 1, 1, S) additive mask: 0 where attended, the dtype's minimum where padded."""
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class PixelNormalize(nn.Module):
+    """uint8 pixels (B, 3, H, W), as the data loaders deliver them, -> float (x / 255 - mean) / std.
+
+    The loader's workers stop at uint8 (a quarter of float32's bytes to pin and copy, and no float work on the
+    CPU); the model normalises on its own device. Float pixels are taken as normalised already (random test
+    inputs, bench.py's random batches). mean and std are buffers left out of the state dict: they are config
+    (image_mean, image_std), and checkpoints keep their keys."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixel_values):  # (B, 3, H, W) uint8 or float -> (B, 3, H, W) float
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        return (pixel_values.float() / 255 - self.mean) / self.std
 
 
 class Pooler(nn.Module):
@@ -189,7 +323,8 @@ class Pooler(nn.Module):
 # 31-bit int32 draw) and keeps an element where its integer is at least round(p * 2**15): the rate is p to within
 # 2**-16, the kept elements are scaled so the expectation is exact, the mask comes from torch's generator (so
 # seeds, checkpoint recomputation and resume behave as before) and is saved as one byte an element. On GPUs,
-# F.dropout and the fused attention kernels are fast already and are used as they are.
+# F.dropout and the fused attention kernels are fast already and are used as they are; so is F.dropout under
+# torch.compile, which generates its own masks (an in-place random_ would break the graph).
 DROPOUT_BITS = 15
 
 
@@ -212,7 +347,7 @@ def dropout(x, p, training=True):
     """F.dropout(x, p, training), with the mask drawn as the comment above says when x is on the CPU."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.dropout(x, p, training=True)
     threshold = round(p * 2 ** DROPOUT_BITS)
     n = x.numel()
@@ -255,7 +390,7 @@ class Attention(nn.Module):
         k, v = self.kv(context).view(B, S, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, S, d)
         attn_mask = None if context_mask is None else context_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         dropout_p = self.dropout if self.training else 0.0
-        if dropout_p > 0 and q.device.type == "cpu":
+        if dropout_p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
             # No fused CPU kernel takes dropout. Written out, attention would keep the (B, h, T, S) weights and
             # their mask for backward; they are recomputed there instead (same RNG state, so the same mask), as
             # the fused GPU kernels do: a few percent more FLOPs for about a fifth less activation memory.
@@ -269,7 +404,7 @@ class Attention(nn.Module):
 
 
 class CrossModalBlock(nn.Module):
-    """One stream's half of a co-attention layer.
+    """One stream's half of a METER-style co-attention layer (cross_layer_type="meter").
 
     Ordering is METER's (self-attention, cross-attention, feed-forward), each stream with its own weights,
     written pre-LayerNorm because these layers usually start from random init and pre-LN trains stably there.
@@ -284,7 +419,8 @@ class CrossModalBlock(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x, x_mask, other, other_mask, cls_only=False):
-        # x (B, T, D) attends to itself and to other (B, S, D) -> (B, T, D), or (B, 1, D) with cls_only
+        # x (B, T, D) attends to itself and to other (B, S, D) -> (B, T, D), or (B, 1, D) with cls_only;
+        # x_mask (B, T) and other_mask (B, S) are key-padding masks, None where nothing is padded
         h = self.norm_self(x)
         if cls_only:  # only the CLS row is read downstream: it still attends to every row, but only it is updated
             x, q = x[:, :1], h[:, :1]
@@ -296,7 +432,7 @@ class CrossModalBlock(nn.Module):
 
 
 class CrossModalLayer(nn.Module):
-    """Both streams update at once, each attending to the other's input to this layer (co-attention)."""
+    """METER-style: both streams update at once, each attending to the other's input to this layer (co-attention)."""
 
     def __init__(self, dim, heads, mlp_ratio, dropout):
         super().__init__()
@@ -308,18 +444,75 @@ class CrossModalLayer(nn.Module):
                 self.image(v, v_mask, t, t_mask, cls_only="image" in cls_only))
 
 
+LXMERT_LN_EPS = 1e-12  # BERT's and LXMERT's LayerNorm epsilon
+
+
+class LxmertStream(nn.Module):
+    """One stream's own part of an LXMERT cross layer: self-attention, then feed-forward, each post-LayerNorm
+    (sublayer, dropout, residual, then the norm), as BERT and LXMERT write them."""
+
+    def __init__(self, dim, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.self_attn, self.norm_self = Attention(dim, heads, dropout), nn.LayerNorm(dim, eps=LXMERT_LN_EPS)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
+        self.norm_mlp = nn.LayerNorm(dim, eps=LXMERT_LN_EPS)
+        self.drop = Dropout(dropout)
+
+    def forward(self, x, x_mask, cls_only=False):
+        # x (B, T, D): the stream after cross-attention -> (B, T, D), or (B, 1, D) with cls_only
+        q = x[:, :1] if cls_only else x  # the CLS row still attends to every row; only it is updated
+        x = self.norm_self(q + self.drop(self.self_attn(q, x, x_mask)))
+        return self.norm_mlp(x + self.drop(self.mlp(x)))
+
+
+class LxmertCrossModalLayer(nn.Module):
+    """LXMERT's cross layer (cross_layer_type="lxmert", the paper's): cross-attention, then self-attention,
+    then feed-forward, per stream, post-LayerNorm. ONE cross-attention module (with its output norm) serves
+    both directions: text attends to the image stream and the image to the text, both with the same weights,
+    both reading this layer's inputs (co-attention). Self-attention and feed-forward are per stream."""
+
+    def __init__(self, dim, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.cross_attn, self.norm_cross = Attention(dim, heads, dropout), nn.LayerNorm(dim, eps=LXMERT_LN_EPS)
+        self.drop = Dropout(dropout)
+        self.text = LxmertStream(dim, heads, mlp_ratio, dropout)
+        self.image = LxmertStream(dim, heads, mlp_ratio, dropout)
+
+    def attend_across(self, x, other, other_mask):  # (B, T, D) attends to (B, S, D) -> (B, T, D)
+        return self.norm_cross(x + self.drop(self.cross_attn(x, other, other_mask)))
+
+    def forward(self, t, t_mask, v, v_mask, cls_only=()):
+        # every row goes through cross-attention (self-attention reads them all); cls_only trims after it
+        t_cross, v_cross = self.attend_across(t, v, v_mask), self.attend_across(v, t, t_mask)
+        return (self.text(t_cross, t_mask, cls_only="text" in cls_only),
+                self.image(v_cross, v_mask, cls_only="image" in cls_only))
+
+
+CROSS_LAYER_TYPES = {"lxmert": LxmertCrossModalLayer, "meter": CrossModalLayer}
+
+
 class TwoTowerEncoder(nn.Module):
     """Text tower + vision tower, projected to the cross-modal width, joined by co-attention layers."""
 
-    def __init__(self, text_tower, vision_tower, dim, layers, heads, mlp_ratio, dropout):
+    def __init__(self, text_tower, vision_tower, dim, layers, heads, mlp_ratio, dropout, image_mean, image_std,
+                 layer_type="meter"):
         super().__init__()
+        if layer_type not in CROSS_LAYER_TYPES:
+            raise TowerLoadError(f"cross_layer_type must be one of {', '.join(CROSS_LAYER_TYPES)}, not '{layer_type}'")
         self.text_tower, self.vision_tower = text_tower, vision_tower
+        self.pixel_norm = PixelNormalize(image_mean, image_std)
         self.text_proj = nn.Linear(text_tower.config.hidden_size, dim)
         self.image_proj = nn.Linear(vision_tower.config.hidden_size, dim)
         self.modality_type = nn.Embedding(3, dim)  # 0 text, 1 image, 2 second image (NLVR2)
-        self.cross_layers = nn.ModuleList([CrossModalLayer(dim, heads, mlp_ratio, dropout) for _ in range(layers)])
-        self.text_norm, self.image_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        layer_class = CROSS_LAYER_TYPES[layer_type]
+        self.cross_layers = nn.ModuleList([layer_class(dim, heads, mlp_ratio, dropout) for _ in range(layers)])
+        # pre-LN layers need a final norm; post-LN ones (LXMERT) end normalised, and the original adds none
+        final_norm = (lambda: nn.LayerNorm(dim)) if layer_type == "meter" else nn.Identity
+        self.text_norm, self.image_norm = final_norm(), final_norm()
         self.text_pooler, self.image_pooler = Pooler(dim), Pooler(dim)
+        for part in (self.text_proj, self.image_proj, self.modality_type, self.cross_layers, self.text_norm,
+                     self.image_norm, self.text_pooler, self.image_pooler):
+            init_bert_style(part)
         self.dim = dim
         self.pooled_dim = 2 * dim
         self.gradient_checkpointing = False
@@ -328,6 +521,11 @@ class TwoTowerEncoder(nn.Module):
         cross = nn.ModuleList([self.text_proj, self.image_proj, self.modality_type, self.cross_layers,
                                self.text_norm, self.image_norm, self.text_pooler, self.image_pooler])
         return {"text_tower": self.text_tower, "vision_tower": self.vision_tower, "cross_modal": cross}
+
+    def beyond_text_features(self):
+        """Names of the modules the fused text features do not depend on (only the image features and the pooled
+        output do): the last layer's image stream, the image norm, the poolers."""
+        return [f"cross_layers.{len(self.cross_layers) - 1}.image", "image_norm", "text_pooler", "image_pooler"]
 
     def encode_text(self, input_ids, attention_mask):  # (B, T) -> Embedded (B, T, D)
         # The tower adds its own embeddings once and receives the padding mask.
@@ -341,12 +539,12 @@ class TwoTowerEncoder(nn.Module):
         size_differs = pixel_values.shape[-1] != tower.config.image_size
         with torch.set_grad_enabled(torch.is_grad_enabled() and requires_grad(tower)):
             kwargs = {"interpolate_pos_encoding": True} if size_differs else {}
-            return tower(pixel_values=pixel_values, **kwargs).last_hidden_state
+            return tower(pixel_values=self.pixel_norm(pixel_values), **kwargs).last_hidden_state
 
     def project_image(self, features, image_type=1):  # (B, P, D_vision) -> Embedded (B, P, D)
         """The vision tower's output (computed now, or read from a feature cache) into the cross-modal width."""
         v = self.image_proj(features.to(self.image_proj.weight.dtype)) + self.modality_type.weight[image_type]
-        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device))
+        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device), unpadded=True)
 
     def encode_image(self, pixel_values, image_type=1):  # (B, 3, H, W) -> Embedded (B, P, D)
         return self.project_image(self.vision_features(pixel_values), image_type)
@@ -367,12 +565,13 @@ class TwoTowerEncoder(nn.Module):
             return EncoderOutput(feats if image is None else None, feats if text is None else None, pooled,
                                  text.mask if text is not None else None, image.mask if image is not None else None)
         t, v = text.feats, image.feats
+        t_mask, v_mask = text.key_mask(), image.key_mask()  # the text's padding; images usually need none
         for i, layer in enumerate(self.cross_layers):
             last = cls_only if i == len(self.cross_layers) - 1 else ()
             if self.gradient_checkpointing and self.training and requires_grad(layer):
-                t, v = checkpoint(layer, t, text.mask, v, image.mask, cls_only=last, use_reentrant=False)
+                t, v = checkpoint(layer, t, t_mask, v, v_mask, cls_only=last, use_reentrant=False)
             else:
-                t, v = layer(t, text.mask, v, image.mask, cls_only=last)
+                t, v = layer(t, t_mask, v, v_mask, cls_only=last)
         t, v = self.text_norm(t), self.image_norm(v)
         pooled = torch.cat([self.text_pooler(t[:, 0]), self.image_pooler(v[:, 0])], dim=-1)  # (B, 2D)
         return EncoderOutput(t, v, pooled, text.mask[:, :t.shape[1]], image.mask[:, :v.shape[1]])
@@ -435,32 +634,47 @@ def interpolate_positions(position, grid):
 
 class OneTowerEncoder(nn.Module):
     """Word pieces and image patches (each with positions and a modality-type embedding) concatenated into
-    one sequence with a joint attention mask, through the transformer layers of a text or vision model."""
+    one sequence with a joint attention mask, through the transformer layers of a text or vision model.
 
-    def __init__(self, stack, stack_modality, vocab_size, image_size, patch_size, max_text_len, pooling):
+    embeddings="tower": the stack's own model supplies its modality's embeddings (and a vision stack its
+    final LayerNorm); only the other modality's are new. embeddings="fresh" (the paper's): both are new and
+    randomly initialised, and only the transformer layers come from the stack's model.
+    """
+
+    EMBEDDINGS = ("tower", "fresh")
+
+    def __init__(self, stack, stack_modality, vocab_size, image_size, patch_size, max_text_len, pooling, image_mean,
+                 image_std, embeddings="tower"):
         super().__init__()
+        if embeddings not in self.EMBEDDINGS:
+            raise TowerLoadError(f"onetower_embeddings must be one of {', '.join(self.EMBEDDINGS)}, not '{embeddings}'")
+        self.pixel_norm = PixelNormalize(image_mean, image_std)
         config = stack.config
         dim = config.hidden_size
         dropout = getattr(config, "hidden_dropout_prob", 0.0)
         if getattr(config, "use_relative_position_bias", False) or getattr(config, "use_shared_relative_position_bias", False):
             raise TowerLoadError(f"{config.model_type} with relative position bias is tied to its patch grid and "
                                  "cannot run a joint text+image sequence; use it as a two-tower vision tower")
-        if stack_modality == "text":
+        reuse = embeddings == "tower"
+        if reuse and stack_modality == "text":
             self.text_embeddings = stack.embeddings  # word + position + token type, then LayerNorm
             self.text_embeddings_project = getattr(stack, "embeddings_project", None)  # ELECTRA's small embeddings
-            self.image_embeddings = PatchEmbeddings(image_size, patch_size, dim, dropout)
         else:
             self.text_embeddings = TextEmbeddings(vocab_size, dim, max(max_text_len, 512), dropout)
             self.text_embeddings_project = None
+        if reuse and stack_modality == "vision":
             self.image_embeddings = stack.embeddings  # patches + CLS + positions
+        else:
+            self.image_embeddings = PatchEmbeddings(image_size, patch_size, dim, dropout)
         self.stack_modality = stack_modality
         self.layers = tower_layers(stack)
-        self.final_norm = getattr(stack, "layernorm", None)  # pre-LN vision stacks end with a norm; BERT does not
+        # pre-LN vision stacks end with a norm, BERT does not; with fresh embeddings only the layers are reused
+        self.final_norm = getattr(stack, "layernorm", None) if reuse else None
         self.stack_config = config
-        self.modality_type = nn.Embedding(3, dim)  # 0 text, 1 image, 2 second image (NLVR2)
+        self.modality_type = init_bert_style(nn.Embedding(3, dim))  # 0 text, 1 image, 2 second image (NLVR2)
         self.pooling = pooling
-        self.text_pooler = Pooler(dim)
-        self.image_pooler = Pooler(dim) if pooling == "double" else None
+        self.text_pooler = init_bert_style(Pooler(dim))
+        self.image_pooler = init_bert_style(Pooler(dim)) if pooling == "double" else None
         self.dim = dim
         self.pooled_dim = 2 * dim if pooling == "double" else dim
         self.gradient_checkpointing = False
@@ -472,6 +686,10 @@ class OneTowerEncoder(nn.Module):
                                if m is not None])
         return {"embeddings": embeddings, "stack": stack}
 
+    def beyond_text_features(self):
+        """Names of the modules the text features do not depend on: the poolers."""
+        return ["text_pooler"] + (["image_pooler"] if self.image_pooler is not None else [])
+
     def encode_text(self, input_ids, attention_mask):  # (B, T) -> Embedded (B, T, D)
         t = self.text_embeddings(input_ids)
         if self.text_embeddings_project is not None:
@@ -479,13 +697,14 @@ class OneTowerEncoder(nn.Module):
         return Embedded(t + self.modality_type.weight[0], attention_mask)
 
     def encode_image(self, pixel_values, image_type=1):  # (B, 3, H, W) -> Embedded (B, 1 + P, D)
-        if self.stack_modality == "vision":
+        pixel_values = self.pixel_norm(pixel_values)
+        if isinstance(self.image_embeddings, PatchEmbeddings):
+            v = self.image_embeddings(pixel_values)
+        else:  # the vision stack's own embeddings
             size_differs = pixel_values.shape[-1] != self.stack_config.image_size
             v = self.image_embeddings(pixel_values, **({"interpolate_pos_encoding": True} if size_differs else {}))
-        else:
-            v = self.image_embeddings(pixel_values)
         v = v + self.modality_type.weight[image_type]
-        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device))
+        return Embedded(v, torch.ones(v.shape[:2], dtype=torch.long, device=v.device), unpadded=True)
 
     def fuse(self, text, image, cls_only=()):
         """The joint stack over both parts. cls_only is TwoTowerEncoder.fuse's saving hint; it changes nothing
@@ -519,24 +738,47 @@ class OneTowerEncoder(nn.Module):
         return self.fuse(text, image)
 
 
-def build_encoder(cfg, vocab_size):
-    """The encoder the config describes. `vocab_size` is the tokenizer's, used by randomly initialised text sides."""
+def build_encoder(cfg, vocab_size, tower_configs=None):
+    """The encoder the config describes. `vocab_size` is the tokenizer's, used by randomly initialised text sides.
+    tower_configs: {modality: Hugging Face config dict} a checkpoint recorded (FreezableModel.tower_configs); the
+    towers are then built from those, not from the hub or a directory, ready for the checkpoint's weights."""
+    saved = tower_configs or {}
     if cfg.model_type == "two_tower":
-        text = load_tower(cfg, "text", vocab_size)
-        vision = load_tower(cfg, "vision")
+        text = load_tower(cfg, "text", vocab_size, saved.get("text"))
+        vision = load_tower(cfg, "vision", saved_config=saved.get("vision"))
         if vocab_size > text.config.vocab_size:
             raise TowerLoadError(f"tokenizer has {vocab_size} tokens but text_tower '{cfg.text_tower}' only "
                                  f"{text.config.vocab_size} embeddings")
         return TwoTowerEncoder(text, vision, cfg.cross_hidden, cfg.cross_layers, cfg.cross_heads,
-                               cfg.cross_mlp_ratio, cfg.cross_dropout)
+                               cfg.cross_mlp_ratio, cfg.cross_dropout, cfg.image_mean, cfg.image_std,
+                               cfg.cross_layer_type)
     if cfg.model_type == "one_tower":
         if cfg.onetower_stack not in ("text", "vision"):
             raise TowerLoadError(f"onetower_stack must be 'text' or 'vision', not '{cfg.onetower_stack}'")
-        stack = load_tower(cfg, cfg.onetower_stack, vocab_size)
+        stack = load_tower(cfg, cfg.onetower_stack, vocab_size, saved.get(cfg.onetower_stack))
         patch = cfg.patch_size if cfg.patch_size > 0 else getattr(stack.config, "patch_size", 16)
         return OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
-                               cfg.max_text_len, cfg.pooling)
+                               cfg.max_text_len, cfg.pooling, cfg.image_mean, cfg.image_std,
+                               cfg.onetower_embeddings)
     raise TowerLoadError(f"model_type must be 'two_tower' or 'one_tower', not '{cfg.model_type}'")
+
+
+def hf_towers(encoder):
+    """{modality: Hugging Face model} of an encoder's towers, sharing the encoder's parameters: a two-tower
+    encoder's own two; for a one-tower encoder its stack, reassembled into the Hugging Face model it came from
+    (its own modality's embeddings, the layers, the final norm), which export.py saves with save_pretrained."""
+    if isinstance(encoder, TwoTowerEncoder):
+        return {"text": encoder.text_tower, "vision": encoder.vision_tower}
+    model_class, kwargs = _tower_class(encoder.stack_config)
+    with torch.device("meta"):  # every parameter is replaced by the encoder's below
+        tower = model_class(encoder.stack_config, **kwargs)
+    tower.embeddings = encoder.text_embeddings if encoder.stack_modality == "text" else encoder.image_embeddings
+    if encoder.text_embeddings_project is not None:
+        tower.embeddings_project = encoder.text_embeddings_project
+    tower.set_submodule(_layers_path(tower), encoder.layers)
+    if encoder.final_norm is not None:
+        tower.layernorm = encoder.final_norm
+    return {encoder.stack_modality: tower}
 
 
 # -----------------------------------------------------------------------------
@@ -544,17 +786,17 @@ def build_encoder(cfg, vocab_size):
 
 
 class MLMHead(nn.Module):
-    """Masked language modelling: transform, then vocabulary logits only at labelled positions."""
+    """Masked language modelling: transform, then vocabulary logits only at the given positions."""
 
     def __init__(self, dim, vocab_size):
         super().__init__()
         self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
         self.decoder = nn.Linear(dim, vocab_size)
+        init_bert_style(self)
 
-    def forward(self, text_feats, labels):  # (B, T, D), (B, T) with -100 unlabelled -> (N, V), (N,)
-        selected = labels != -100
+    def forward(self, text_feats, positions):  # (B, T, D), (N,) indices into the B*T positions -> (N, V)
         # Gathering first avoids paying the vocabulary projection for ~85% of positions that carry no label.
-        return self.decoder(self.transform(text_feats[selected])), labels[selected]
+        return self.decoder(self.transform(text_feats.flatten(0, 1).index_select(0, positions)))
 
 
 class ClassifierHead(nn.Module):
@@ -565,27 +807,39 @@ class ClassifierHead(nn.Module):
         hidden_dim = hidden_dim or 2 * in_dim
         self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU(),
                                  nn.Linear(hidden_dim, num_classes))
+        init_bert_style(self)
 
     def forward(self, x):  # (B, in_dim) -> (B, num_classes)
         return self.net(x)
 
 
 # -----------------------------------------------------------------------------
-# Freezing (explicit requires_grad, frozen parts kept in eval mode) and checkpointing
+# Freezing (explicit requires_grad, frozen parts kept in eval mode unless frozen_dropout) and checkpointing
 
 
 class FreezableModel(nn.Module):
-    """Base of the top-level models: named module groups, and frozen modules that stay in eval mode."""
+    """Base of the top-level models: named module groups, and frozen modules that stay in eval mode (with
+    frozen_dropout they follow train/eval like the rest, so their dropout is on in training, as the original)."""
 
     def __init__(self):
         super().__init__()
         self.frozen_modules = []  # dotted names, set by apply_freezing
+        self.frozen_dropout = False  # set by apply_freezing: True leaves frozen modules in the caller's mode
 
     def train(self, mode=True):
         super().train(mode)
-        for name in self.frozen_modules:  # no dropout or batch statistics in a frozen module, whatever the caller asks
-            self.get_submodule(name).eval()
+        if not self.frozen_dropout:  # no dropout or batch statistics in a frozen module, whatever the caller asks
+            for name in self.frozen_modules:
+                self.get_submodule(name).eval()
         return self
+
+    def tower_configs(self):
+        """{modality: Hugging Face config dict} of the towers inside: what build_encoder needs to rebuild them
+        without their source (checkpoints record it)."""
+        encoder = self.encoder
+        if isinstance(encoder, TwoTowerEncoder):
+            return {"text": encoder.text_tower.config.to_dict(), "vision": encoder.vision_tower.config.to_dict()}
+        return {encoder.stack_modality: encoder.stack_config.to_dict()}
 
     def module_groups(self):
         groups = dict(self.encoder.module_groups())
@@ -595,6 +849,10 @@ class FreezableModel(nn.Module):
     def heads(self):
         """The task heads on top of the encoder, in order (each subclass names its own)."""
         raise NotImplementedError
+
+    def unused_modules(self):
+        """Dotted names of modules no loss of this model reads, which apply_freezing freezes."""
+        return []
 
 
 def _below_top(embeddings, layers, k):
@@ -606,11 +864,12 @@ def apply_freezing(model, cfg):
     """Set requires_grad on every parameter explicitly (so it is idempotent) and record the frozen modules.
 
     Keys: freeze_text, freeze_vision, freeze_cross (two-tower), text_trainable_top / vision_trainable_top
-    (train only the top k layers of a tower, or of a one-tower stack), freeze_modules (any dotted names).
+    (train only the top k layers of a tower, or of a one-tower stack), freeze_modules (any dotted names). The
+    modules no loss reads (model.unused_modules()) are frozen whatever the keys say.
     """
     model.requires_grad_(True)
     enc = model.encoder
-    frozen = []
+    frozen = model.unused_modules()
     if isinstance(enc, TwoTowerEncoder):
         for modality in ("text", "vision"):
             name = f"encoder.{modality}_tower"
@@ -641,6 +900,7 @@ def apply_freezing(model, cfg):
     for name in frozen:
         model.get_submodule(name).requires_grad_(False)
     model.frozen_modules = list(dict.fromkeys(frozen))
+    model.frozen_dropout = cfg.frozen_dropout  # True: the original's behaviour, dropout on in frozen towers
     model.train(model.training)
 
 
@@ -704,10 +964,21 @@ class PretrainModel(FreezableModel):
         self.mlm_weight, self.itm_weight = mlm_weight, itm_weight
         self.pretrain_pass = pretrain_pass
         self.mlm_head = MLMHead(encoder.dim, vocab_size) if mlm_weight > 0 else None
-        self.itm_head = nn.Linear(encoder.pooled_dim, 2) if itm_weight > 0 else None
+        self.itm_head = init_bert_style(nn.Linear(encoder.pooled_dim, 2)) if itm_weight > 0 else None
 
     def heads(self):
         return [h for h in (self.mlm_head, self.itm_head) if h is not None]
+
+    def unused_modules(self):
+        """With itm_weight=0 the MLM loss reads only the fused text features: the encoder's modules beyond them
+        never get a gradient. (With mlm_weight=0 the MLM head is not built, and ITM reads every other part.)
+        Frozen, they stay out of the optimizer and out of DDP's gradient reduction, which would otherwise wait for
+        their gradients and fail at the second step; find_unused_parameters=True would instead search the graph
+        on every step. Nothing changes for a single process, where they got no gradient either. They keep their
+        initial weights and are saved as any others, so fine-tuning loads such a checkpoint as usual."""
+        if self.itm_head is not None:
+            return []
+        return [f"encoder.{name}" for name in self.encoder.beyond_text_features()]
 
     def encode_image(self, batch):
         """The batch's images, from the vision tower's cached output when the batch carries it ("image_feats",
@@ -716,15 +987,25 @@ class PretrainModel(FreezableModel):
             return self.encoder.project_image(batch["image_feats"])
         return self.encoder.encode_image(batch["pixel_values"])
 
+    @staticmethod
+    def mlm_positions(mlm_labels, itm_labels, pretrain_pass):
+        """(N,) indices into the flattened (B*T) captions of the positions the MLM loss reads: the labelled ones,
+        of matched pairs only in the shared pass. The batch carries them as "mlm_positions", computed where the
+        masks are drawn (pretrain.make_prepare_batch, on the host): the head then gathers with an index of known
+        size, where a boolean index on the GPU would wait for the device on every micro-step to learn N, and
+        torch.compile would break its graph there. The optimizer step's gradient-norm check stays the one sync."""
+        read = mlm_labels != -100
+        if pretrain_pass == "shared":
+            read = read & (itm_labels[:, None] == 1)
+        return read.flatten().nonzero().squeeze(1)
+
     def forward(self, batch):
         enc = self.encoder
         image = self.encode_image(batch)  # (B, P, D), once for both tasks
-        mlm_labels = batch["mlm_labels"]
         if self.pretrain_pass == "shared":
             paired = image.select(batch["itm_image_index"])
             mlm_fused = itm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]),
                                              paired, cls_only=("image",))
-            mlm_labels = mlm_labels.masked_fill(batch["itm_labels"][:, None] == 0, -100)  # matched pairs only
         else:
             if self.mlm_head is not None:  # MLM reads text features: only the image stream may stop at its CLS
                 mlm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), image,
@@ -734,11 +1015,14 @@ class PretrainModel(FreezableModel):
                                      image.select(batch["itm_image_index"]), cls_only=("text", "image"))
         out, loss = {}, torch.zeros((), device=image.feats.device)
         if self.mlm_head is not None:
-            logits, targets = self.mlm_head(mlm_fused.text_feats, mlm_labels)  # (N, V), (N,)
-            # a sum over N targets, not a mean: with N = 0 the loss is still a (zero) function of the head,
-            # so DDP's gradient hooks fire for it as on every other step
-            out["mlm_loss"] = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
-            out["mlm_acc"] = (logits.argmax(-1) == targets).float().mean() if len(targets) else loss.new_zeros(())
+            positions = batch["mlm_positions"]  # (N,), see mlm_positions
+            logits = self.mlm_head(mlm_fused.text_feats, positions)  # (N, V)
+            targets = batch["mlm_labels"].flatten().index_select(0, positions)  # (N,)
+            # sums over N targets, not means: with N = 0 the loss is still a (zero) function of the head, so DDP's
+            # gradient hooks fire for it as on every other step, and no branch depends on N
+            n = max(positions.shape[0], 1)
+            out["mlm_loss"] = F.cross_entropy(logits.float(), targets, reduction="sum") / n
+            out["mlm_acc"] = (logits.argmax(-1) == targets).float().sum() / n
             loss = loss + self.mlm_weight * out["mlm_loss"]
         if self.itm_head is not None:
             logits = self.itm_head(itm_fused.pooled)  # (B, 2)
@@ -749,8 +1033,8 @@ class PretrainModel(FreezableModel):
         return out
 
 
-def build_pretrain_model(cfg, vocab_size):
-    return PretrainModel(build_encoder(cfg, vocab_size), vocab_size, cfg.mlm_weight, cfg.itm_weight,
+def build_pretrain_model(cfg, vocab_size, tower_configs=None):
+    return PretrainModel(build_encoder(cfg, vocab_size, tower_configs), vocab_size, cfg.mlm_weight, cfg.itm_weight,
                          cfg.pretrain_pass)
 
 
@@ -844,3 +1128,31 @@ def resize_position_embeddings(state_dict, model):
             table = F.interpolate(table, size=(new_side, new_side), mode="bicubic", align_corners=False)
             resized[key] = torch.cat([table.reshape(-1, new_side * new_side).T.to(value.dtype), value[-3:]])
     return resized
+
+
+# -----------------------------------------------------------------------------
+# Exported models (export.py writes them): no tower source needed to load one
+
+EXPORT_WEIGHTS = "model.safetensors"  # the whole model's state dict: towers, fusion layers, heads
+EXPORT_CONFIG = "vlenc.json"  # {"config": the run's resolved config, "tower_configs", "vocab_size", "labels", ...}
+
+
+def build_run_model(cfg, vocab_size, tower_configs=None, labels=None):
+    """The model a run trains, untrained: its task's model (cfg.task, whose outputs mean `labels`) or, without a
+    task, the pretraining model; towers from `tower_configs` when given (see build_encoder)."""
+    if not cfg.task:
+        return build_pretrain_model(cfg, vocab_size, tower_configs)
+    import tasks  # tasks builds on this module: imported here, where a task's model is wanted
+    return tasks.get_task(cfg.task).build_model(build_encoder(cfg, vocab_size, tower_configs), labels)
+
+
+def load_exported(directory):
+    """(model in eval mode, the run's resolved config as a dict) from an export.py directory, built from the
+    towers' recorded Hugging Face configs alone (no hub, no tower directory) and loaded strictly from the
+    safetensors file. A pretraining export gives a PretrainModel; a fine-tuning one its task's model."""
+    with open(os.path.join(directory, EXPORT_CONFIG)) as f:
+        saved = json.load(f)
+    model = build_run_model(SimpleNamespace(**saved["config"]), saved["vocab_size"], saved["tower_configs"],
+                            saved["labels"])
+    load_model(model, os.path.join(directory, EXPORT_WEIGHTS), strict=True)
+    return model.eval(), saved["config"]

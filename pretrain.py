@@ -15,7 +15,8 @@ import torch.distributed as tdist
 
 import data
 import engine
-from model import apply_freezing, build_pretrain_model, enable_gradient_checkpointing, format_parameter_summary
+from model import (PretrainModel, apply_freezing, build_pretrain_model, enable_gradient_checkpointing,
+                   format_parameter_summary)
 
 
 def make_prepare_batch(cfg, tokenizer_info, device):
@@ -25,7 +26,8 @@ def make_prepare_batch(cfg, tokenizer_info, device):
                                                      batch["word_ids"], tokenizer_info, cfg.mlm_prob,
                                                      cfg.whole_word_mask, g)
         itm_image_index, itm_labels = data.sample_itm_pairs(batch["image_ids"], cfg.itm_neg_prob, g)
-        batch = dict(batch, mlm_input_ids=mlm_input_ids, mlm_labels=mlm_labels,
+        mlm_positions = PretrainModel.mlm_positions(mlm_labels, itm_labels, cfg.pretrain_pass)  # on the host
+        batch = dict(batch, mlm_input_ids=mlm_input_ids, mlm_labels=mlm_labels, mlm_positions=mlm_positions,
                      itm_image_index=itm_image_index, itm_labels=itm_labels)
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return prepare_batch
@@ -42,7 +44,7 @@ def make_evaluate(cfg, dist, val_loader, prepare_batch):
         for i in range(min(cfg.eval_batches, val_loader.batches_per_epoch)):  # one pass at most
             batch = prepare_batch(next(batches), "eval", i * dist.world_size + dist.rank)
             out = model(batch)
-            n_mlm = (batch["mlm_labels"] != -100).sum()
+            n_mlm = torch.tensor(len(batch["mlm_positions"]), device=dist.device)  # the targets mlm_acc is over
             n_itm = torch.tensor(len(batch["itm_labels"]), device=dist.device)
             if "mlm_acc" in out:
                 totals[:3] += torch.stack([out["mlm_acc"] * n_mlm, n_mlm, out["mlm_loss"] * n_mlm]).double()
@@ -64,13 +66,13 @@ def build_data(cfg, dist, tokenizer, model):
     """(train set, held-out set or None, their loaders): what main trains on, and bench.py measures."""
     train_set, val_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg, train=True),
                                                       data.build_transform(cfg, train=False))
-    collate = data.PretrainCollator(tokenizer, cfg.max_text_len)
+    collate = data.PretrainCollator(tokenizer, cfg.max_text_len, fixed_length=cfg.compile)
     if cfg.vision_feature_cache:  # the frozen tower's output instead of pictures (data.py, section 12)
         autocast = engine.autocast_context(dist.device, cfg.dtype)
         train_set, val_set = (data.with_cached_vision_features(dataset, cfg, model.encoder, dist.device, autocast,
                                                                dist.local_rank) if dataset else None
                               for dataset in (train_set, val_set))
-        collate = data.CachedFeatureCollator(tokenizer, cfg.max_text_len)
+        collate = data.CachedFeatureCollator(tokenizer, cfg.max_text_len, fixed_length=cfg.compile)
     loader = data.build_loader(train_set, cfg, dist.rank, dist.world_size, cfg.seed, collate)
     val_loader = data.build_loader(val_set, cfg, dist.rank, dist.world_size, cfg.seed, collate) if val_set else None
     return train_set, val_set, loader, val_loader
@@ -81,9 +83,13 @@ def main(argv):
     dist = engine.setup_distributed(cfg)
     engine.autocast_context(dist.device, cfg.dtype)  # refuses float16 on CPU before any work
     tokenizer = data.build_tokenizer(cfg)
-    model = build_pretrain_model(cfg, len(tokenizer))
+    resume_from = engine.latest_checkpoint(cfg.out_dir) if cfg.resume else None  # engine.train restores it
+    # a resumed run builds its towers from the configs the checkpoint recorded: no hub or tower directory needed
+    towers = torch.load(resume_from, weights_only=True, mmap=True).get("tower_configs") if resume_from else None
+    model = build_pretrain_model(cfg, len(tokenizer), towers)
     apply_freezing(model, cfg)  # freeze, then checkpointing, then (in engine.train) DDP and the optimizer
     engine.require_trainable(model)  # an all-frozen model is refused before any data is read or generated
+    lr_scales = engine.lr_scales(cfg, model, engine.command_line_overrides(argv))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.to(dist.device)
@@ -96,7 +102,7 @@ def main(argv):
     prepare_batch = make_prepare_batch(cfg, data.TokenizerInfo.from_tokenizer(tokenizer), dist.device)
     evaluate = make_evaluate(cfg, dist, val_loader, prepare_batch) if val_loader else None
     engine.train(cfg, dist, model, loader, prepare_batch, evaluate,
-                 lr_scales={"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads})
+                 lr_scales=lr_scales)
     engine.cleanup_distributed()
 
 

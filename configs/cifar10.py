@@ -6,6 +6,8 @@ include("finetune_base.py")
 task = "cifar10"
 out_dir = "out/cifar10"
 augment = True  # a mild random resized crop, no flip
+lr_mult_cross = 5.0  # the original has no working CIFAR-10 recipe: this project's own
+lr_mult_heads = 10.0
 batch_size = 128
 micro_batch_size = 64
 max_steps = 2000

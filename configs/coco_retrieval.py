@@ -9,6 +9,8 @@ out_dir = "out/coco_retrieval"
 batch_size = 256
 micro_batch_size = 32  # 32 captions x 16 candidate pictures = 512 fused pairs per forward
 retrieval_negatives = 15
+lr_mult_cross = 5.0  # the original has no working retrieval recipe: this project's own
+lr_mult_heads = 10.0
 max_steps = 10000
 warmup_steps = 1000
 eval_interval = 2000

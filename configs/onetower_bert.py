@@ -1,5 +1,5 @@
-# Paper experiment 2: the BERT-base-sized one-tower model with its stack, word and position embeddings
-# initialised from pretrained BERT; image patch embeddings start at random.
+# Paper experiment 2: the BERT-base-sized one-tower model with its layer stack initialised from pretrained BERT;
+# word-piece and patch embeddings start at random (fresh), as in the paper.
 #   torchrun --standalone --nproc_per_node=2 pretrain.py configs/onetower_bert.py --data_root=/path/to/data
 include("onetower_random.py")
 out_dir = "out/onetower_bert"

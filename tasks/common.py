@@ -7,8 +7,6 @@ classification model most heads reuse.
 import json
 import os
 import pickle
-import sys
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -216,36 +214,6 @@ class _Indexed(Dataset):
 # Evaluation loop
 
 
-class Progress:
-    """Wraps an iterable, drawing `desc [####....] done/total rate/s eta` on stderr at most twice a second.
-    Disabled (a plain pass-through) on every process but the master and for short periodic validations."""
-
-    def __init__(self, iterable, total, desc, enabled=True):
-        self.iterable, self.total, self.desc, self.enabled = iterable, total, desc, enabled
-
-    def _draw(self, done, start, end=""):
-        rate = done / max(time.time() - start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        filled = 30 * done // max(self.total, 1)
-        sys.stderr.write(f"\r{self.desc} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} "
-                         f"{rate:.1f}/s eta {eta:.0f}s{end}")
-        sys.stderr.flush()
-
-    def __iter__(self):
-        if not self.enabled:
-            yield from self.iterable
-            return
-        start = last = time.time()
-        done = 0
-        for item in self.iterable:
-            yield item
-            done += 1
-            if time.time() - last > 0.5:
-                self._draw(done, start)
-                last = time.time()
-        self._draw(done, start, end="\n")
-
-
 def _gather(obj, dist):
     """The list of every process's `obj` (a one-element list without a process group)."""
     if not dist.is_ddp:
@@ -262,7 +230,7 @@ def predict_items(model, dataset, collate, cfg, dist, max_items=0, desc=None) ->
     shard = _Indexed(dataset, range(dist.rank, count, dist.world_size))
     loader = DataLoader(shard, batch_size=cfg.micro_batch_size, collate_fn=collate, num_workers=cfg.num_workers)
     indices, preds = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.float64)]
-    for batch in Progress(loader, len(loader), desc, enabled=desc is not None and dist.master):
+    for batch in data.progress(loader, len(loader), desc, enabled=desc is not None):
         batch = to_device(batch, dist.device)
         preds.append(model.predict(batch).double().cpu())
         indices.append(batch["index"].cpu())

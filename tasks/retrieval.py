@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 import data
 from model import Embedded, FreezableModel
 from tasks.base import Task
-from tasks.common import Progress, Transform, in_float32, load_image
+from tasks.common import Transform, in_float32, load_image
 from tasks.synthetic import generate_synthetic_flickr30k
 
 # -----------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def retrieval_scores(model, split: RetrievalSplit, tokenizer, cfg, dist, desc=No
     texts = Embedded(torch.cat([p.feats for p in parts]), torch.cat([p.mask for p in parts]))  # (n_captions, T, D)
     scores = torch.zeros(len(rows) * n_captions, device=device)  # this process's rows, flattened
     starts = range(0, len(scores), cfg.eval_pairs_batch)
-    for start in Progress(starts, len(starts), desc, enabled=desc is not None and dist.master):
+    for start in data.progress(starts, len(starts), desc, enabled=desc is not None):
         pairs = torch.arange(start, min(start + cfg.eval_pairs_batch, len(scores)), device=device)
         scores[pairs] = model.match(texts.select(pairs % n_captions), images.select(pairs // n_captions)).float()
     scores = scores.view(len(rows), n_captions)

@@ -3,7 +3,9 @@ passes (same losses as a plain reference), the frozen vision feature cache (same
 paper towers, and an end-to-end run of bench.py."""
 
 import dataclasses
+import functools
 import json
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -25,16 +27,23 @@ INFO = data.TokenizerInfo(mask_token_id=4, vocab_size=VOCAB, special_ids=(0, 1, 
 DIM = TINY["cross_hidden"]
 
 
-def make_batch(seed=0, labelled=2):
+def with_positions(batch, pretrain_pass):
+    """The batch with the MLM positions that pass reads, as pretrain.make_prepare_batch adds them."""
+    return dict(batch, mlm_positions=PretrainModel.mlm_positions(batch["mlm_labels"], batch["itm_labels"],
+                                                                 pretrain_pass))
+
+
+def make_batch(seed=0, labelled=2, pretrain_pass="separate"):
     """A prepared batch: `labelled` MLM targets per row, ITM pairs with two negatives."""
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, VOCAB, (B, T), generator=g)
     labels = torch.full((B, T), -100)
     labels[:, 1:1 + labelled] = input_ids[:, 1:1 + labelled]
-    return dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g), input_ids=input_ids,
-                attention_mask=torch.ones(B, T, dtype=torch.long), mlm_labels=labels,
-                mlm_input_ids=input_ids.masked_fill(labels != -100, INFO.mask_token_id),
-                itm_image_index=torch.tensor([1, 0, 2, 3]), itm_labels=torch.tensor([0, 0, 1, 1]))
+    return with_positions(dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g), input_ids=input_ids,
+                               attention_mask=torch.ones(B, T, dtype=torch.long), mlm_labels=labels,
+                               mlm_input_ids=input_ids.masked_fill(labels != -100, INFO.mask_token_id),
+                               itm_image_index=torch.tensor([1, 0, 2, 3]), itm_labels=torch.tensor([0, 0, 1, 1])),
+                          pretrain_pass)
 
 
 def pretrain_model(pretrain_pass="separate", **overrides):
@@ -64,7 +73,7 @@ def test_flop_counter_sees_freezing_shared_pass_and_labelled_positions():
     batch = make_batch()
     none, both = flops(pretrain_model(), batch), flops(pretrain_model(freeze_text=True, freeze_vision=True), batch)
     assert both < none
-    assert flops(pretrain_model("shared"), batch) < none
+    assert flops(pretrain_model("shared"), make_batch(pretrain_pass="shared")) < none
     # each labelled position costs the MLM head's transform and vocabulary projection, forward and backward
     # (input and weight gradients), and nothing else changes
     one, three = flops(pretrain_model(), make_batch(labelled=1)), flops(pretrain_model(), make_batch(labelled=3))
@@ -114,7 +123,7 @@ def reference_losses(model, batch, shared):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_pretraining_passes_match_the_plain_reference(pretrain_pass, checkpointing):
     model = pretrain_model(pretrain_pass, gradient_checkpointing=checkpointing)
-    batch = make_batch()
+    batch = make_batch(pretrain_pass=pretrain_pass)
     out = model(batch)
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -176,7 +185,8 @@ def test_shared_pass_with_no_matched_pair_still_reaches_every_head_parameter():
     """A micro-batch of negatives only has no MLM target; the MLM head must still get (zero) gradients, or
     DDP would wait for them."""
     model = pretrain_model("shared")
-    batch = dict(make_batch(), itm_labels=torch.zeros(B, dtype=torch.long), itm_image_index=torch.tensor([1, 0, 3, 2]))
+    batch = with_positions(dict(make_batch(), itm_labels=torch.zeros(B, dtype=torch.long),
+                                itm_image_index=torch.tensor([1, 0, 3, 2])), "shared")
     out = model(batch)
     out["loss"].backward()
     assert out["mlm_loss"] == 0
@@ -242,21 +252,55 @@ def test_feature_cache_refuses_a_trainable_tower_or_augmentation(tmp_path):
 # Offline paper towers and the whole script
 
 
-def test_random_init_towers_builds_the_paper_models_exact_dimensions():
-    cfg, vocab = bench.random_init_towers(engine.Config())
-    assert (cfg.text_tower, cfg.vision_tower, cfg.tokenizer, vocab) == (
-        "electra", "deit", "google/electra-small-discriminator", 30522)
-    encoder = build_encoder(cfg, vocab)  # no hub access: the tests run with HF_HUB_OFFLINE=1
+def test_random_feature_cache_input_is_built_where_the_vision_tower_is():
+    """The probe that sizes the random cached features runs on the tower's device (here the meta device, which
+    refuses a CPU input as CUDA would)."""
+    cfg = tiny_config(micro_batch_size=2)
+    encoder = build_encoder(cfg, VOCAB).to("meta")
+    batch = next(bench.with_random_vision_features(bench.random_batches(cfg, INFO), encoder, cfg))
+    assert batch["image_feats"].shape == (2, 1 + (32 // 8) ** 2, 32) and "pixel_values" not in batch
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200 NVL", 835.5), ("NVIDIA H200", 989.4),
+                                        ("NVIDIA H100 NVL", 835.0), ("NVIDIA A10", 125.0), ("NVIDIA L4", 121.0),
+                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.1)])
+def test_gpu_peak_table_takes_the_most_specific_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16")[0] == peak * 1e12
+    monkeypatch.setattr(bench, "GPU_PEAK_TFLOPS", bench.GPU_PEAK_TFLOPS[::-1])  # whatever the table's order
+    assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16")[0] == peak * 1e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16") is None
+
+
+def test_random_init_towers_builds_the_hub_models_exact_dimensions():
+    cfg = engine.Config(random_init_towers=True)  # the paper's towers: ELECTRA-Small and DeiT-Tiny, by hub name
+    encoder = build_encoder(cfg, 1000)  # no hub access: the tests run with HF_HUB_OFFLINE=1
     text, vision = encoder.text_tower.config, encoder.vision_tower.config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size,
-            text.embedding_size, text.vocab_size) == (256, 12, 4, 1024, 128, 30522)
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size,
-            vision.patch_size, vision.image_size) == (192, 12, 3, 768, 16, 224)
-    with pytest.raises(ValueError, match="vision_tower 'someone/vit-huge'"):
-        bench.random_init_towers(engine.Config(vision_tower="someone/vit-huge"))
+    assert (text.model_type, text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+            text.intermediate_size, text.embedding_size, text.vocab_size) == ("electra", 256, 12, 4, 1024, 128, 30522)
+    assert (vision.model_type, vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads,
+            vision.intermediate_size, vision.patch_size, vision.image_size) == ("deit", 192, 12, 3, 768, 16, 224)
+    one_tower = build_encoder(dataclasses.replace(cfg, model_type="one_tower", onetower_stack="vision",
+                                                  vision_tower="google/vit-base-patch16-224-in21k"), 1000)
+    assert one_tower.stack_config.hidden_size == 768 and len(one_tower.layers) == 12
+    with pytest.raises(ValueError, match="random_init_towers: vision_tower 'someone/vit-huge'"):
+        build_encoder(dataclasses.replace(cfg, vision_tower="someone/vit-huge"), 1000)
+    with pytest.raises(ValueError, match="vision_tower 'bert-base-uncased' is a bert model, not a vision tower"):
+        build_encoder(dataclasses.replace(cfg, text_tower="bert-base-uncased", vision_tower="bert-base-uncased"), 1000)
 
 
-def test_bench_runs_and_writes_its_table(tmp_path, capsys):
+def test_random_data_skips_the_tokenizer_only_for_a_hub_text_tower_built_offline():
+    random, loader = SimpleNamespace(data="random"), SimpleNamespace(data="loader")
+    assert not bench.needs_tokenizer(engine.Config(random_init_towers=True), random)  # ELECTRA-Small's own
+    assert bench.needs_tokenizer(engine.Config(), random)  # real towers: the tokenizer is loaded
+    assert bench.needs_tokenizer(engine.Config(random_init_towers=True, tokenizer="synthetic"), random)
+    assert bench.needs_tokenizer(engine.Config(random_init_towers=True), loader)
+
+
+def test_bench_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):
+    # bench.py measures each variant in a child process; here each gets a time limit, so none can hang the test
+    monkeypatch.setattr(bench.subprocess, "run", functools.partial(subprocess.run, timeout=300))
     config = tmp_path / "tiny.py"
     config.write_text("".join(f"{key} = {value!r}\n" for key, value in TINY.items()))
     report = bench.main([str(config), "--data=random", "--steps=2", "--warmup=0", "--peak_tflops=1",
@@ -275,12 +319,22 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys):
     assert "GFLOP/sample" in printed and "vision+shared+ckpt+cache" in printed
 
 
+def test_decode_rate_times_one_workers_items(tmp_path):
+    cfg = cache_config(tmp_path)
+    train_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg))[0]
+    opened = []
+    timed = type("Timed", (), {"__len__": lambda self: len(train_set),
+                               "__getitem__": lambda self, i: opened.append(i) or train_set[i]})()
+    assert bench.decode_rate(timed, 5) > 0 and opened == [0, 0, 1, 2, 3, 4]  # one untimed warm-up item
+    assert train_set[0]["image"].dtype == torch.uint8
+
+
 def test_compiled_model_with_a_frozen_tower_matches_eager():
     """torch.compile traces the pretraining model with a frozen tower (the aot_eager backend: the same graph
     capture and autograd as inductor, without generating C++), giving eager's losses and gradients and no
     gradient to the frozen tower."""
     model = pretrain_model("shared", freeze_vision=True, cross_dropout=0.0)
-    batch = make_batch()
+    batch = make_batch(pretrain_pass="shared")
     eager = model(batch)
     eager["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -292,3 +346,15 @@ def test_compiled_model_with_a_frozen_tower_matches_eager():
     assert not any(n.startswith("encoder.vision_tower") for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("pretrain_pass, overrides", [("separate", dict(cross_dropout=0.1)), ("shared", {})])
+def test_pretraining_forward_is_one_graph(pretrain_pass, overrides):
+    """torch.compile captures the whole pretraining forward, dropout included: the MLM head gathers positions
+    of known number (no boolean index), no Python branch reads a tensor, and the CPU dropout masks give way to
+    the compiler's own."""
+    model = pretrain_model(pretrain_pass, **overrides)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(make_batch(pretrain_pass=pretrain_pass))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+

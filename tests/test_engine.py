@@ -4,7 +4,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engine
+import processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_bad_config_files_are_named(tmp_path):
 
 def test_main_guard_prints_one_line_and_exits_2():
     script = "import sys, engine; engine.main_guard(lambda: engine.load_config(sys.argv[1:]))"
-    result = subprocess.run([sys.executable, "-c", script, "--lrr=1"], cwd=REPO, capture_output=True, text=True)
+    result = processes.run([sys.executable, "-c", script, "--lrr=1"], timeout=60, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: command line: unknown config key 'lrr' (did you mean 'lr'?)"]
 
@@ -366,6 +366,53 @@ def test_resume_is_bit_identical(tmp_path):
     assert read_log(tmp_path / "straight") == read_log(tmp_path / "resumed")
 
 
+def test_resume_moves_between_cpu_and_gpu(tmp_path, monkeypatch):
+    """A checkpoint written on a GPU (its RNG state has a CUDA entry) resumes exactly on a CPU, and one written on
+    a CPU (no CUDA entry) restores on a GPU everything it has and leaves the CUDA generator alone; with a CUDA
+    entry the GPU gets it back. (CUDA's set_rng_state is recorded, not run: there is no GPU here.)"""
+    run_tiny(tmp_path / "straight", dropout=0.2)
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(tmp_path / "moved", dropout=0.2, fail_at_step=5)
+    path = tmp_path / "moved" / "ckpt_4.pt"
+    ckpt = torch.load(path, weights_only=True)
+    cpu_written = ckpt["rng"][0]
+    gpu_state = torch.arange(16, dtype=torch.uint8)
+    ckpt["rng"][0] = {**cpu_written, "cuda": gpu_state}
+    torch.save(ckpt, path)
+    run_tiny(tmp_path / "moved", dropout=0.2)  # GPU -> CPU
+    straight = torch.load(tmp_path / "straight" / "ckpt_8.pt", weights_only=True)
+    moved = torch.load(tmp_path / "moved" / "ckpt_8.pt", weights_only=True)
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, moved["model"][name]), name
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    torch.manual_seed(123)
+    engine._set_rng_state(cpu_written, torch.device("cuda:0"))  # CPU -> GPU
+    assert torch.equal(torch.get_rng_state(), cpu_written["torch"]) and restored == []
+    engine._set_rng_state(ckpt["rng"][0], torch.device("cuda:0"))  # GPU -> GPU
+    assert len(restored) == 1 and torch.equal(restored[0][0], gpu_state) and restored[0][1] == torch.device("cuda:0")
+
+
+@pytest.fixture
+def matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("device, precision, expected", [("cuda", "high", "high"), ("cuda", "highest", "highest"),
+                                                         ("cpu", "high", "highest")])
+def test_float32_matmul_precision_is_set_on_cuda_only(tmp_path, monkeypatch, matmul_precision, device, precision,
+                                                      expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # stands in for a GPU machine
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    torch.set_float32_matmul_precision("highest")
+    dist = engine.setup_distributed(tiny_config(tmp_path, device=device, matmul_precision=precision))
+    assert dist.device.type == device and torch.get_float32_matmul_precision() == expected
+    assert engine.Config().matmul_precision == "high"
+
+
 def test_refuses_to_restart_over_checkpoints_without_resume(tmp_path):
     run_tiny(tmp_path, max_steps=4)
     with pytest.raises(engine.ConfigError, match="already holds checkpoints and resume=False"):
@@ -383,8 +430,8 @@ def test_accumulation_matches_two_processes(tmp_path):
     run_tiny(tmp_path / "one", micro_batch_size=4, batch_size=16)
     script = write(tmp_path / "ddp.py", DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             script, str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=120)
+    result = processes.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            script, str(tmp_path / "two")], timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2 | micro batch 4 | accumulation 2 | global batch 16" in result.stdout
     one = torch.load(tmp_path / "one" / "ckpt_8.pt", weights_only=True)

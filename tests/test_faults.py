@@ -27,6 +27,7 @@ import torch
 import data
 import engine
 import pretrain
+import processes
 from test_engine import FakeLoader, TinyRegressor, prepare_batch, single_process, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,9 @@ TINY = [
     "--lr=1e-3", "--eval_batches=1", "--device=cpu",
     "--text_dropout=0.1", "--vision_dropout=0.1", "--cross_dropout=0.1",  # dropout on: resume must restore RNGs
 ]
+# Runs that must be refused before any work get a few steps, not the default hundred thousand: were the refusal
+# to stop working, the test fails in seconds instead of training for hours
+REFUSED_RUN = ["--max_steps=2", "--num_workers=0"]
 # 16 steps, a checkpoint every 4 (the newest 2 kept): the run the SIGKILL test interrupts
 KILL_RUN = ["--max_steps=16", "--ckpt_interval=4", "--log_interval=2", "--eval_interval=8", "--keep_checkpoints=2",
             "--num_workers=0"]
@@ -188,13 +192,13 @@ def killed_and_straight(tmp_path_factory, bad_root):
     straight, killed = tmp / "straight", tmp / "killed"
     common = TINY + KILL_RUN + [f"--data_root={data_root}"]
     rng = random.Random(6)
-    kills, processes = [], []
+    kills, started = [], []
 
     def start(command, output, **env):
         with open(tmp / output, "w") as out:
-            processes.append(subprocess.Popen(command, cwd=REPO, env=dict(SUBPROCESS_ENV, **env), stdout=out,
+            started.append(subprocess.Popen(command, cwd=REPO, env=dict(SUBPROCESS_ENV, **env), stdout=out,
                                               stderr=subprocess.STDOUT))
-        return processes[-1]
+        return started[-1]
 
     def start_killed():
         return start([sys.executable, str(script), *common, f"--out_dir={killed}"], f"killed_{len(kills)}.txt",
@@ -208,7 +212,7 @@ def killed_and_straight(tmp_path_factory, bad_root):
 
     def kill(process, point):
         process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.wait(timeout=60)
         kills.append((point, checkpoints(killed)))
         assert_complete_and_finite(killed)  # readers only ever see complete checkpoints
 
@@ -234,10 +238,10 @@ def killed_and_straight(tmp_path_factory, bad_root):
         # 4. the same command once more runs to the end
         assert start_killed().wait(timeout=240) == 0, (tmp / f"killed_{len(kills)}.txt").read_text()[-3000:]
     finally:
-        for process in processes:
+        for process in started:
             if process.poll() is None:
                 process.kill()
-                process.wait()
+                process.wait(timeout=60)
     return straight, killed, kills
 
 
@@ -264,7 +268,7 @@ def test_the_run_records_versions_and_commit(killed_and_straight):
     info = json.loads((killed / "run_info.json").read_text())
     assert info["torch"] == torch.__version__
     assert all(info[p] == metadata.version(p) for p in ("transformers", "torchvision", "numpy", "pillow"))
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    head = processes.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], timeout=60)
     assert info["git_commit"] == head.stdout.strip() and info["git_commit"]
 
 
@@ -282,15 +286,9 @@ def test_a_dying_rank_makes_torchrun_restart_the_group_from_the_last_checkpoint(
     # rank 1 dies as step 6 starts, after ckpt_4. Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, torch 2.14's
     # torchrun hands the restarted group the store of the dead one, and its gloo connect fails or hangs
     env = dict(SUBPROCESS_ENV, KILL_RANK="1", KILL_AT_STEP="5", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "--max-restarts=1", str(script), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = torchrun.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(torchrun.pid, signal.SIGKILL)  # the workers too, not only torchrun
-        stdout, stderr = torchrun.communicate()
-        pytest.fail("torchrun timed out:\n" + stdout[-2000:] + stderr[-3000:])
+    torchrun = processes.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "--max-restarts=1", str(script), *args], timeout=240, cwd=REPO, env=env)
+    stdout, stderr = torchrun.stdout, torchrun.stderr
     assert torchrun.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert "rank 1 SIGKILLs itself" in stdout and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in stderr
     assert f"resumed from {tmp_path / 'run' / 'ckpt_4.pt'} at step 4" in stdout
@@ -367,7 +365,7 @@ def break_karpathy(world, how):
 def test_bad_annotations_name_file_line_and_field(tmp_path, clean_root, capsys, how):
     shutil.copytree(clean_root / "synthetic", tmp_path / "data" / "synthetic")
     pattern = break_karpathy(tmp_path / "data" / "synthetic", how)
-    status = guarded_main(TINY + [f"--data_root={tmp_path / 'data'}", f"--out_dir={tmp_path / 'run'}"])
+    status = guarded_main(TINY + REFUSED_RUN + [f"--data_root={tmp_path / 'data'}", f"--out_dir={tmp_path / 'run'}"])
     error = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(error) == 1
     assert re.search(pattern, error[0]), error[0]
@@ -383,7 +381,8 @@ def test_bad_annotations_name_file_line_and_field(tmp_path, clean_root, capsys, 
      "nothing to train: every parameter is frozen"),
 ])
 def test_impossible_configs_are_refused_before_any_work(tmp_path, capsys, args, message):
-    status = guarded_main(TINY + [f"--data_root={tmp_path / 'data'}", f"--out_dir={tmp_path / 'run'}", *args])
+    status = guarded_main(TINY + REFUSED_RUN + [f"--data_root={tmp_path / 'data'}", f"--out_dir={tmp_path / 'run'}",
+                                                *args])
     error = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(error) == 1 and message in error[0], error
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()  # no world generated, no run dir

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import data
 import engine
 import evaluate
 import finetune
+import processes
 import tasks
 from model import build_pretrain_model, resize_position_embeddings
 from tasks.common import unused_modules
@@ -189,15 +189,15 @@ def test_evaluate_on_two_processes_matches_one(learned, tmp_path):
     """Sharded predictions and score rows gathered from two processes give what one process gives."""
     batches = ["--eval_pairs_batch=64", "--micro_batch_size=16"]
     copies = {}
-    for processes in (1, 2):
+    for world in (1, 2):
         for task in ("refcoco", "coco_retrieval"):
-            copies[processes, task] = tmp_path / f"{task}_{processes}"
-            shutil.copytree(learned[task][0], copies[processes, task], ignore=shutil.ignore_patterns("eval"))
+            copies[world, task] = tmp_path / f"{task}_{world}"
+            shutil.copytree(learned[task][0], copies[world, task], ignore=shutil.ignore_patterns("eval"))
     evaluate.main([str(copies[1, "refcoco"]), str(copies[1, "coco_retrieval"]), *batches])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "evaluate.py"), str(copies[2, "refcoco"]), str(copies[2, "coco_retrieval"]),
-                           *batches], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = processes.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "evaluate.py"), str(copies[2, "refcoco"]), str(copies[2, "coco_retrieval"]),
+                          *batches], timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     for task in ("refcoco", "coco_retrieval"):
         one, two = copies[1, task] / "eval", copies[2, task] / "eval"
@@ -347,9 +347,8 @@ def test_fine_tuning_on_two_processes(data_root, tmp_path):
     command = args(data_root=tmp_path / "data", out_dir=out, task="cifar10", max_steps=2, eval_interval=2,
                    ckpt_interval=2, micro_batch_size=8, eval_batches=2, synthetic_images=40)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "finetune.py"), *command], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = processes.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "finetune.py"), *command], timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world size 2 | micro batch 8 | accumulation 2" in done.stdout
     train, val = read_log(out)

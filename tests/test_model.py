@@ -2,17 +2,23 @@
 
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, ResNetConfig, ViTConfig, ViTModel
 
-from model import (EncoderOutput, MLMHead, OneTowerEncoder, TaskModel, TowerLoadError, TwoTowerEncoder,
-                   apply_freezing, build_encoder, build_pretrain_model, enable_gradient_checkpointing,
+from model import (Embedded, EncoderOutput, MLMHead, OneTowerEncoder, PretrainModel, TaskModel, TowerLoadError,
+                   TwoTowerEncoder, apply_freezing, build_encoder, build_pretrain_model, enable_gradient_checkpointing,
                    load_checked, load_tower, parameter_summary)
+from processes import join_spawned
 from tiny import tiny_config
 
+ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 60
 B, T = 3, 7
 
@@ -25,9 +31,11 @@ def make_batch(seed=0, T=T):
     labels[:, 2] = input_ids[:, 2]
     mlm_input_ids = input_ids.clone()
     mlm_input_ids[:, 2] = 4
+    itm_labels = torch.tensor([0, 0, 1])
     return dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g), input_ids=input_ids,
                 attention_mask=torch.ones(B, T, dtype=torch.long), mlm_input_ids=mlm_input_ids, mlm_labels=labels,
-                itm_image_index=torch.tensor([1, 0, 2]), itm_labels=torch.tensor([0, 0, 1]))
+                mlm_positions=PretrainModel.mlm_positions(labels, itm_labels, "separate"),
+                itm_image_index=torch.tensor([1, 0, 2]), itm_labels=itm_labels)
 
 
 CONFIGS = {
@@ -159,6 +167,30 @@ def test_unreachable_tower_is_one_clear_line():
     assert "google/electra-small-discriminator" in message and "\n" not in message
 
 
+def test_missing_local_directory_is_named_as_one(tmp_path):
+    for modality in ("text", "vision"):
+        with pytest.raises(TowerLoadError) as err:
+            load_tower(tiny_config(**{f"{modality}_tower": str(tmp_path / "electra-small")}), modality, VOCAB)
+        assert str(err.value) == f"{modality}_tower: directory '{tmp_path / 'electra-small'}' does not exist"
+
+
+def test_unreachable_hub_fails_within_seconds_saying_what_to_do(tmp_path):
+    """HF_HUB_OFFLINE unset, an empty cache and a hub that refuses connections (transformers alone retries for
+    over 20 s): one request, no retries, and the way out. Timed in the child after its imports."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens on port 9
+    code = ("import time, engine, model\nstart = time.monotonic()\n"
+            "try:\n    model.load_tower(engine.Config(), 'text')\n"
+            "except model.TowerLoadError as e:\n    print(time.monotonic() - start)\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    seconds, message = done.stdout.strip().split("\n")
+    assert float(seconds) < 20
+    assert message.startswith("could not load text_tower 'google/electra-small-discriminator': the Hugging Face "
+                              "hub (http://127.0.0.1:9) is unreachable")
+    assert "local directory (save_pretrained output)" in message and "random_init_towers=True" in message
+
+
 def test_hand_set_dimensions_with_pretrained_weights_refused(tmp_path):
     BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(tmp_path / "text")
@@ -169,12 +201,64 @@ def test_hand_set_dimensions_with_pretrained_weights_refused(tmp_path):
 def test_mlm_head_projects_only_labelled_positions():
     head = MLMHead(32, VOCAB)
     calls = []
-    head.decoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    head.decoder.register_forward_hook(lambda m, args, out: calls.append(args[0]))
     labels = torch.full((B, T), -100)
     labels[0, 1], labels[2, 5] = 7, 9
-    logits, targets = head(torch.randn(B, T, 32), labels)
-    assert logits.shape == (2, VOCAB) and targets.tolist() == [7, 9]
-    assert calls == [torch.Size([2, 32])]
+    itm_labels = torch.tensor([1, 0, 1])
+    positions = PretrainModel.mlm_positions(labels, itm_labels, "separate")
+    assert positions.tolist() == [1, 2 * T + 5]
+    feats = torch.randn(B, T, 32)
+    logits = head(feats, positions)
+    assert logits.shape == (2, VOCAB) and calls[0].shape == (2, 32)
+    torch.testing.assert_close(calls[0], head.transform(feats[[0, 2], [1, 5]]))  # the rows of those positions
+    labels[1, 3] = 8  # the shared pass reads matched pairs only (row 1 is a mismatch)
+    assert PretrainModel.mlm_positions(labels, itm_labels, "shared").tolist() == [1, 2 * T + 5]
+    assert PretrainModel.mlm_positions(labels, itm_labels, "separate").tolist() == [1, T + 3, 2 * T + 5]
+
+
+def test_image_keys_take_no_attention_mask(monkeypatch):
+    """Cross-modal attention over image patches passes no mask (so SDPA may take FlashAttention), attention over
+    text keeps its padding mask, and the result equals attention with the image's all-ones mask."""
+    encoder = build_encoder(tiny_config(), VOCAB).eval()
+    batch = make_batch()
+    batch["attention_mask"][0, -3:] = 0  # padding that must stay masked
+    text = encoder.encode_text(batch["input_ids"], batch["attention_mask"])
+    image = encoder.encode_image(batch["pixel_values"])
+    P = image.feats.shape[1]
+    assert P != T
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        calls.append((k.shape[2], attn_mask))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    fast = encoder.fuse(text, image)
+    layers = len(encoder.cross_layers)
+    assert [mask is None for keys, mask in calls if keys == P] == [True] * 2 * layers  # text->image, image->image
+    text_key_masks = [mask for keys, mask in calls if keys == T]
+    assert len(text_key_masks) == 2 * layers and all(torch.equal(m[:, 0, 0], batch["attention_mask"].bool())
+                                                     for m in text_key_masks)
+    calls.clear()
+    masked = encoder.fuse(text, Embedded(image.feats, image.mask))  # the same image, mask not known to be all ones
+    assert all(mask is not None for _, mask in calls)
+    for name in ("text_feats", "image_feats", "pooled"):
+        torch.testing.assert_close(getattr(fast, name), getattr(masked, name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["two_tower", "one_tower"])
+def test_uint8_pixels_are_normalised_on_the_model_side(model_type):
+    """Loaders send uint8 pixels; the encoder normalises them with image_mean / image_std, exactly as a float
+    input normalised beforehand, and float input passes as it is."""
+    cfg = tiny_config(model_type=model_type, image_mean=(0.5, 0.4, 0.3), image_std=(0.25, 0.2, 0.5))
+    encoder = build_encoder(cfg, VOCAB).eval()
+    pixels = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.tensor(cfg.image_mean).view(1, 3, 1, 1), torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    normalised = (pixels.float() / 255 - mean) / std
+    torch.testing.assert_close(encoder.pixel_norm(pixels), normalised)
+    assert encoder.pixel_norm(normalised) is normalised
+    torch.testing.assert_close(encoder.encode_image(pixels).feats, encoder.encode_image(normalised).feats)
+    assert not any("pixel_norm" in key for key in encoder.state_dict())  # checkpoints keep their keys
 
 
 def _train_steps(model, steps=3):
@@ -286,27 +370,52 @@ def test_fine_tuning_load_checks_exactly_the_new_head_is_missing():
                      allowed_unexpected=("mlm_head.", "itm_head."))
 
 
+@pytest.mark.parametrize("model_type", ["two_tower", "one_tower"])
+@pytest.mark.parametrize("weights", [dict(itm_weight=0.0), dict(mlm_weight=0.0), {}])
+def test_with_a_loss_off_every_trainable_parameter_gets_a_gradient(model_type, weights):
+    """What a zero-weight loss alone would have read is frozen, so every trainable parameter gets a gradient:
+    DDP then needs no unused-parameter search (see test_ddp_... below)."""
+    cfg = tiny_config(model_type=model_type, **weights)
+    model = build_pretrain_model(cfg, VOCAB)
+    apply_freezing(model, cfg)
+    model(make_batch())["loss"].backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.grad is not None}
+    unused = model.unused_modules()
+    assert bool(unused) == (weights == dict(itm_weight=0.0)) and set(unused) <= set(model.frozen_modules)
+    if unused:  # the text features MLM reads still train, up to the last layer's text stream
+        last = "encoder.cross_layers.1.text" if model_type == "two_tower" else "encoder.layers.1"
+        assert any(n.startswith(last) for n in trainable) and not any(n.startswith("encoder.text_pooler")
+                                                                      for n in trainable)
+
+
+DDP_CONFIGS = [dict(freeze_vision=True, text_trainable_top=1), dict(itm_weight=0.0), dict(mlm_weight=0.0)]
+
+
 def _ddp_worker(rank, world_size, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    cfg = tiny_config(freeze_vision=True, text_trainable_top=1)
-    torch.manual_seed(0)
-    model = build_pretrain_model(cfg, VOCAB)
-    apply_freezing(model, cfg)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(3):  # an unused parameter would make the second step's forward raise
-        ddp(make_batch(step * world_size + rank))["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    results[rank] = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    for i, overrides in enumerate(DDP_CONFIGS):
+        cfg = tiny_config(**overrides)
+        torch.manual_seed(0)
+        model = build_pretrain_model(cfg, VOCAB)
+        apply_freezing(model, cfg)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(3):  # an unused parameter would make the second step's forward raise
+            ddp(make_batch(step * world_size + rank))["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results[rank, i] = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_with_frozen_tower_needs_no_unused_parameter_search():
+def test_ddp_with_frozen_tower_or_one_loss_off_needs_no_unused_parameter_search():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)  # replicas stay in sync
+    with mp.Manager() as manager:
+        results = manager.dict()
+        join_spawned(mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=False), timeout=300)
+        for i in range(len(DDP_CONFIGS)):
+            torch.testing.assert_close(results[0, i], results[1, i], rtol=0, atol=0)  # replicas stay in sync

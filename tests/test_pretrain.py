@@ -3,6 +3,9 @@ weights and learning-rate multipliers, the schedule in optimizer steps, and clea
 
 import json
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import engine
 import pretrain
+import processes
 from model import PretrainModel, apply_freezing, build_encoder, build_pretrain_model
 from tiny import tiny_config
 
@@ -96,22 +101,130 @@ def test_resume_is_exact(tmp_path, data_root, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_one_process_equals_two(tmp_path, data_root):
+LOSSES = ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc")
+SAME_GLOBAL_BATCH = TINY_RUN + NO_DROPOUT + ["--eval_interval=100"]  # 6 steps of 8, checkpoints at 3 and 6
+
+
+def assert_same_losses(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for r1, r2 in zip(a, b):
+        for name in LOSSES:
+            assert r2[name] == pytest.approx(r1[name], rel=1e-4, abs=1e-6), (r1["step"], name)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data_root, tmp_path_factory):
+    """One process accumulating two micro-batches of 4 per step: the log the multi-process runs must match."""
+    out = str(tmp_path_factory.mktemp("one"))
+    subprocess.run([sys.executable, "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}", f"--out_dir={out}"],
+                   cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True, timeout=600)
+    return read_log(out)[0]
+
+
+def test_one_process_equals_two(tmp_path, data_root, one_process_run):
     """The same global batch of 8: one process accumulating two micro-batches of 4, or two torchrun processes
     (gloo) with one each, give the same losses."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = TINY_RUN + NO_DROPOUT + [f"--data_root={data_root}", "--max_steps=3", "--eval_interval=100"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    subprocess.run([sys.executable, "pretrain.py", *args, f"--out_dir={one}"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    two = str(tmp_path / "two")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "pretrain.py", *args, f"--out_dir={two}"], cwd=ROOT, env=env, check=True, capture_output=True)
-    a, _ = read_log(one)
-    b, _ = read_log(two)
-    assert len(a) == len(b) == 3
-    for r1, r2 in zip(a, b):
-        for name in ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc"):
-            assert r2[name] == pytest.approx(r1[name], rel=1e-4, abs=1e-6), (r1["step"], name)
+                    "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}", f"--out_dir={two}"], cwd=ROOT,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True, timeout=600)
+    assert len(one_process_run) == 6
+    assert_same_losses(one_process_run, read_log(two)[0])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_process_and_resume_on_one(tmp_path, data_root, one_process_run):
+    """Two torchrun launchers as two "nodes" on localhost (c10d rendezvous, one process each, as README's
+    two-node launch line) give the losses of one process with the same global batch; the two-node run's step-3
+    checkpoint then resumes on one process and continues exactly as the run went on (the loader restarts at
+    the first global micro-batch nobody has consumed)."""
+    two_nodes = str(tmp_path / "two_nodes")
+    port = free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes",
+         "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}", f"--out_dir={two_nodes}"],
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for node in (0, 1)]
+    try:
+        outputs = [launcher.communicate(timeout=600)[0].decode() for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
+    assert "world size 2" in "".join(outputs)
+    assert_same_losses(one_process_run, read_log(two_nodes)[0])
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(Path(two_nodes) / "ckpt_3.pt", resumed)
+    shutil.copy(Path(two_nodes) / "log.jsonl", resumed)
+    done = subprocess.run([sys.executable, "pretrain.py", *SAME_GLOBAL_BATCH, f"--data_root={data_root}",
+                           f"--out_dir={resumed}"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "checkpoint from 2 processes, now 1" in done.stdout
+    assert_same_losses(one_process_run, read_log(resumed)[0])
+
+
+def test_slurm_script_starts_one_launcher_per_node(tmp_path):
+    """scripts/slurm_pretrain.sh run as SLURM would run it, with srun and scontrol stubbed: one task per node,
+    each a torchrun launcher of the job's node count and GPUs, meeting on the first node, with pretrain.py's
+    arguments passed through."""
+    script = (ROOT / "scripts" / "slurm_pretrain.sh").read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", script, re.M))
+    assert sbatch["ntasks-per-node"] == "1" and int(sbatch["nodes"]) >= 2
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "scontrol").write_text('#!/bin/bash\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
+    (stubs / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path / "srun_args"}\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[07-08]",
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="4")
+    subprocess.run(["bash", "scripts/slurm_pretrain.sh", "configs/freeze_vision.py", "--data_root=/data"], cwd=ROOT,
+                   env=env, check=True, timeout=60)
+    launched = (tmp_path / "srun_args").read_text().splitlines()
+    assert launched == ["torchrun", "--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d",
+                        "--rdzv_endpoint=gpu07:29500", "--rdzv_id=4242", "pretrain.py", "configs/freeze_vision.py",
+                        "--data_root=/data"]
+
+
+def test_compiling_pads_captions_to_max_text_len():
+    """With compile=True every batch has the same text length, so a compiled model sees one shape."""
+    items = [{"caption": caption, "image": torch.zeros(3, 4, 4), "image_id": i}
+             for i, caption in enumerate(["a red circle", "a small blue square left of a green triangle"])]
+    tokenizer = data.synthetic_tokenizer()
+    plain = data.PretrainCollator(tokenizer, max_text_len=16)(items)
+    fixed = data.PretrainCollator(tokenizer, max_text_len=16, fixed_length=True)(items)
+    assert plain["input_ids"].shape[1] < 16 and fixed["input_ids"].shape == (2, 16)
+    assert torch.equal(fixed["input_ids"][:, :plain["input_ids"].shape[1]], plain["input_ids"])
+    assert fixed["special_tokens_mask"][:, plain["input_ids"].shape[1]:].all()
+
+
+@pytest.mark.parametrize("pretrain_pass", ["separate", "shared"])
+def test_prepared_batches_carry_the_positions_their_pass_reads(pretrain_pass):
+    """The MLM positions come with the batch, from the host: every labelled one, or those of matched pairs in the
+    shared pass."""
+    cfg = tiny_config(pretrain_pass=pretrain_pass, mlm_prob=0.5, itm_neg_prob=0.5)
+    B, T = 8, 10
+    special = torch.zeros(B, T, dtype=torch.bool)
+    special[:, [0, -1]] = True
+    raw = dict(input_ids=torch.randint(5, 60, (B, T)), attention_mask=torch.ones(B, T, dtype=torch.long),
+               special_tokens_mask=special, word_ids=(torch.arange(T) - 1).expand(B, T).masked_fill(special, -1),
+               image_ids=torch.arange(B), pixel_values=torch.zeros(B, 3, 4, 4, dtype=torch.uint8))
+    info = data.TokenizerInfo(mask_token_id=4, vocab_size=60, special_ids=(0, 1, 2, 3, 4))
+    batch = pretrain.make_prepare_batch(cfg, info, torch.device("cpu"))(raw, 0, 0)
+    labelled = batch["mlm_labels"] != -100
+    matched = batch["itm_labels"][:, None] == 1
+    assert (labelled & ~matched).any() and (labelled & matched).any()  # both kinds of rows are there
+    read = labelled & matched if pretrain_pass == "shared" else labelled
+    assert batch["mlm_positions"].tolist() == read.flatten().nonzero().squeeze(1).tolist()
 
 
 def test_loss_weights_are_applied():
@@ -123,6 +236,7 @@ def test_loss_weights_are_applied():
                  mlm_labels=torch.full((4, 6), -100), itm_image_index=torch.tensor([1, 0, 2, 3]),
                  itm_labels=torch.tensor([0, 0, 1, 1]))
     batch["mlm_labels"][:, 3] = 9
+    batch["mlm_positions"] = PretrainModel.mlm_positions(batch["mlm_labels"], batch["itm_labels"], "separate")
     model.mlm_weight, model.itm_weight = 2.0, 0.5
     out = model(batch)
     assert out["loss"].item() == pytest.approx(2.0 * out["mlm_loss"].item() + 0.5 * out["itm_loss"].item())
@@ -146,6 +260,35 @@ def test_learning_rate_multipliers_reach_the_optimizer():
     assert ("cross_modal", True) in decay and ("cross_modal", False) in decay
 
 
+@pytest.mark.parametrize("stack", ["text", "vision"])
+def test_one_tower_pretraining_runs_with_the_lr_multipliers_of_its_groups(stack, data_root, tmp_path):
+    """A one-tower model has no cross-modal layers: lr_mult_cross from a config file (here freeze_none.py's 5.0,
+    as every paper config inherits it) is left out, lr_mult_heads still applies."""
+    config = tmp_path / "onetower.py"
+    config.write_text(f'include("{ROOT / "configs" / "freeze_none.py"}")\nmodel_type = "one_tower"\n'
+                      f'onetower_stack = "{stack}"\nlr_mult_heads = 3.0\n')
+    out = tmp_path / "run"
+    pretrain.main([str(config), *TINY_RUN, *NO_DROPOUT, f"--data_root={data_root}", f"--out_dir={out}",
+                   "--max_steps=2", "--ckpt_interval=2", "--eval_interval=2", "--dtype=float32", "--num_workers=0"])
+    train, val = read_log(out)
+    assert [r["step"] for r in train] == [1, 2] and val
+    groups = torch.load(out / "ckpt_2.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {(g["name"], g["lr_scale"]) for g in groups} == {("embeddings", 1.0), ("stack", 1.0), ("heads", 3.0)}
+
+
+def test_lr_multiplier_of_a_missing_group_on_the_command_line_is_refused(data_root, tmp_path):
+    model = build_pretrain_model(tiny_config(model_type="one_tower"), 50)
+    assert engine.lr_scales(tiny_config(model_type="one_tower"), model) == {"heads": 5.0}
+    two_tower = build_pretrain_model(tiny_config(lr_mult_cross=2.0), 50)
+    assert engine.lr_scales(tiny_config(lr_mult_cross=2.0), two_tower, {"lr_mult_cross": 2.0}) == {
+        "cross_modal": 2.0, "heads": 5.0}
+    with pytest.raises(engine.ConfigError, match="lr_mult_cross is set on the command line, but this one_tower "
+                                                 "model has no 'cross_modal' group"):
+        pretrain.main([*TINY_RUN, "--model_type=one_tower", "--lr_mult_cross=2", f"--data_root={data_root}",
+                       f"--out_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()  # refused before any data work or output
+
+
 PAPER_CONFIGS = ["freeze_none.py", "freeze_text.py", "freeze_vision.py", "freeze_both.py", "frozen_base.py",
                  "onetower_random.py", "onetower_bert.py", "onetower_vit.py"]
 
@@ -154,7 +297,8 @@ PAPER_CONFIGS = ["freeze_none.py", "freeze_text.py", "freeze_vision.py", "freeze
 def test_paper_configs_fail_offline_with_one_line(config, tmp_path):
     """Offline, each paper config stops at the first thing it cannot load, naming it in one line."""
     with pytest.raises(ValueError) as err:
-        pretrain.main([str(ROOT / "configs" / config), f"--data_root={tmp_path}", f"--out_dir={tmp_path / 'run'}"])
+        pretrain.main([str(ROOT / "configs" / config), f"--data_root={tmp_path}", f"--out_dir={tmp_path / 'run'}",
+                       "--max_steps=1"])  # were loading to succeed, one step, not the config's hundred thousand
     message = str(err.value)
     assert "\n" not in message and "could not load" in message
     assert any(name in message for name in ("electra", "bert-base-uncased", "vit-base"))
@@ -162,8 +306,8 @@ def test_paper_configs_fail_offline_with_one_line(config, tmp_path):
 
 
 def test_entry_point_exit_status_and_single_error_line(tmp_path):
-    done = subprocess.run([sys.executable, "pretrain.py", "configs/freeze_vision.py", f"--data_root={tmp_path}",
-                           "--micro_batch_sise=8"], cwd=ROOT, capture_output=True, text=True)
+    done = processes.run([sys.executable, "pretrain.py", "configs/freeze_vision.py", f"--data_root={tmp_path}",
+                          "--micro_batch_sise=8", "--max_steps=1"], timeout=120, cwd=ROOT)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "micro_batch_sise" in lines[0] and "micro_batch_size" in lines[0]
