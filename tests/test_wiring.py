@@ -111,6 +111,8 @@ def test_nlvr2_model_tells_the_two_pictures_apart_by_type_embedding():
     same caption stream; the classifier reads the left pooled output first."""
     enc = encoder()
     model = NLVR2Model(enc).eval()
+    with torch.no_grad():  # NLVR2Model starts type 2 as a copy of type 1: told apart here, so that a swap shows
+        enc.modality_type.weight[2].normal_(0, 0.02)
     input_ids, attention_mask, left = make_inputs(0)
     right = make_inputs(1)[2]
     rec = Recorder()
