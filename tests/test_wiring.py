@@ -100,9 +100,10 @@ def test_first_cross_layer_receives_projected_towers_plus_their_type_embeddings(
     same(v, expected_v, f"image stream: vision tower -> image_proj + type embedding {image_type}")
     assert torch.equal(t_mask, attention_mask)  # the caption's padding mask
     assert v_mask is None  # every patch is real: no mask at all, so SDPA may take its fastest kernel
-    # the three type embeddings differ, so a stream given the wrong one (or none) cannot pass the checks above
+    # the three type embeddings differ (far beyond same()'s 1e-6 tolerance), so a stream given the wrong one (or
+    # none) cannot pass the checks above
     types = enc.modality_type.weight
-    assert min((types[i] - types[j]).abs().max() for i, j in [(0, 1), (0, 2), (1, 2)]) > 1e-3  # far beyond same()'s 1e-6 tolerance
+    assert min((types[i] - types[j]).abs().max() for i, j in [(0, 1), (0, 2), (1, 2)]) > 1e-3
     assert types.abs().min(dim=1).values.max() > 0
 
 
