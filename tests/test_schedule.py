@@ -19,7 +19,7 @@ import data
 import engine
 import pretrain
 from model import build_encoder, build_pretrain_model
-from test_pretrain import NO_DROPOUT, TINY_RUN, WITH_DROPOUT, final_weights, read_log
+from test_pretrain import NO_DROPOUT, TINY_RUN, WITH_DROPOUT, crash_then_resume, final_weights, read_log
 from tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -270,6 +270,15 @@ def test_log_says_the_phase_and_mix_and_the_lr_runs_on(tmp_path, data_root):
     cfg = engine.load_config(SWITCH_RUN)
     assert [r["lr"] for r in train] == pytest.approx([engine.lr_at(s, cfg) for s in range(6)])
     assert [r["step"] for r in val] == [3, 6]
+    # a line over several steps averages each loss over the steps that had it, and counts the mix
+    out = str(tmp_path / "every_3")
+    pretrain.main(SWITCH_RUN + NO_DROPOUT + [f"--data_root={data_root}", f"--out_dir={out}", "--log_interval=3"])
+    every_3 = read_log(out)[0]
+    assert [(r["phase"], r["image_text_batches"], r["text_batches"]) for r in every_3] == [
+        ("image_text", 1, 2), ("image_text", 1, 2)]
+    assert [r["itm_loss"] for r in every_3] == pytest.approx([train[2]["itm_loss"], train[4]["itm_loss"]], rel=1e-6)
+    assert [r["mlm_loss"] for r in every_3] == pytest.approx(
+        [np.mean([r["mlm_loss"] for r in train[:3]]), np.mean([r["mlm_loss"] for r in train[3:]])], rel=1e-6)
 
 
 @pytest.mark.parametrize("crash_at", [2, 3])  # the last text-only step; the first image-text step
@@ -277,19 +286,7 @@ def test_resume_across_the_switch_is_exact(tmp_path, data_root, monkeypatch, cra
     args = SWITCH_RUN + WITH_DROPOUT + [f"--data_root={data_root}", "--ckpt_interval=1", "--eval_interval=100"]
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     pretrain.main(args + [f"--out_dir={straight}"])
-    save = engine.save_checkpoint
-
-    def save_then_crash(cfg, dist, step, *rest):
-        path = save(cfg, dist, step, *rest)
-        if step == crash_at:
-            raise KeyboardInterrupt(f"simulated crash after the step-{crash_at} checkpoint")
-        return path
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain.main(args + [f"--out_dir={interrupted}"])
-    monkeypatch.setattr(engine, "save_checkpoint", save)
-    pretrain.main(args + [f"--out_dir={interrupted}"])
+    crash_then_resume(args + [f"--out_dir={interrupted}"], crash_at, monkeypatch)
     key = lambda r: {k: v for k, v in r.items() if k != "samples_per_sec"}
     assert [key(r) for r in read_log(interrupted)[0]] == [key(r) for r in read_log(straight)[0]]
     a, b = final_weights(straight, 6), final_weights(interrupted, 6)
