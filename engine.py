@@ -96,6 +96,8 @@ class Config:
     synthetic_images: int = 2000  # pictures in the synthetic world
     synthetic_seed: int = 0  # seed of the synthetic world (separate from seed, so training seeds share one world)
     synthetic_image_size: int = 64  # side in pixels of the rendered synthetic pictures
+    text_corpora: list[str] = field(default_factory=list)  # text-only corpora: .txt / .txt.gz files or folders of them (relative paths under data_root), or "synthetic"
+    synthetic_text_lines: int = 10000  # lines of the synthetic text corpus (several clauses each, from the world's grammar)
     image_size: int = 224  # image side in pixels after the transform
     image_resize: str = "squash"  # "squash": resize to image_size x image_size; "crop" (the original's): shorter side to image_size, bicubic, then centre crop
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
@@ -111,6 +113,9 @@ class Config:
     mlm_weight: float = 1.0  # weight of the MLM loss in the total (0 turns MLM off)
     itm_weight: float = 1.0  # weight of the ITM loss in the total (0 turns ITM off)
     pretrain_pass: str = "separate"  # "separate": MLM and ITM each run the text tower and cross-modal layers (the paper's recipe); "shared": one pass serves both, MLM on matched pairs only (37% fewer FLOPs for the paper model)
+    text_only_fraction: float = 0.0  # fraction of max_steps trained on text_corpora alone (MLM) before image-text data starts
+    image_text_share: float = 1.0  # after that, the share of optimizer steps on image-text data; the rest are text-only
+    save_text_tower: str = ""  # two-tower: at the end of the run, save the text tower and tokenizer here as a Hugging Face directory (a later text_tower)
     vision_feature_cache: str = ""  # directory for the frozen vision tower's output, computed once per picture (needs freeze_vision, augment=False, coco/vg/synthetic corpora); "" = off
     # optimisation
     batch_size: int = 704  # GLOBAL batch per optimizer step, over all processes and accumulation steps
@@ -298,10 +303,20 @@ def validate(cfg, world_size=1):
         raise ConfigError(f"image_resize='crop' would cut off boxes of task={cfg.task!r}: use image_resize='squash'")
     check_trackers(cfg)
     fractions = {"min_lr_ratio": cfg.min_lr_ratio, "mlm_prob": cfg.mlm_prob, "itm_neg_prob": cfg.itm_neg_prob,
-                 "betas[0]": cfg.betas[0], "betas[1]": cfg.betas[1]}
+                 "betas[0]": cfg.betas[0], "betas[1]": cfg.betas[1], "text_only_fraction": cfg.text_only_fraction,
+                 "image_text_share": cfg.image_text_share}
     for key, value in fractions.items():
         if not 0 <= value <= 1:
             raise ConfigError(f"{key}={value} must lie in [0, 1]")
+    if cfg.text_only_fraction > 0 or cfg.image_text_share < 1:
+        schedule = f"text_only_fraction={cfg.text_only_fraction} and image_text_share={cfg.image_text_share}"
+        if not cfg.text_corpora:
+            raise ConfigError(f"{schedule} ask for text-only steps, but text_corpora is empty")
+        if cfg.mlm_weight == 0:
+            raise ConfigError(f"{schedule} ask for text-only steps, which train MLM, but mlm_weight=0")
+    if cfg.save_text_tower and cfg.model_type != "two_tower":
+        raise ConfigError(f"save_text_tower needs model_type='two_tower' (got {cfg.model_type!r}): a one-tower "
+                          "model has no text tower of its own")
 
 
 def main_guard(main):
@@ -845,14 +860,17 @@ def batch_generator(seed, *key):
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") % (2 ** 63))
 
 
-def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None, lr_scales=None):
+def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None, lr_scales=None,
+          find_unused_parameters=False):
     """Train `model` (forward(batch) -> {"loss": ..., other 0-dim tensors}) for cfg.max_steps optimizer steps.
 
     loader: iterable forever with state_dict()/load_state_dict(); when it drops items whose image is bad
     (data.ResumableLoader), pop_skipped() feeds their count and paths to the log. prepare_batch(raw, step, micro_index)
     masks (seeded from step and the global micro-batch index) and moves to the device. evaluate(model)
     runs on every rank (in eval mode, no_grad, autocast) and returns reduced metrics. extra_log() returns
-    extra fields for each training log line. lr_scales: {module group: lr multiplier}.
+    extra fields for each training log line. lr_scales: {module group: lr multiplier}. find_unused_parameters:
+    passed to DDP, for models whose steps do not all use the same parameters (the outputs a step returns may then
+    differ too: each is averaged over the micro-batches that returned it).
     Freezing and gradient checkpointing are the caller's, before this call. Writes config.json and run_info.json
     once any checkpoint has loaded. Returns the last step and logs.
     """
@@ -870,7 +888,8 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
         model.compile()
     eval_model = model  # not the DDP wrapper: its forward would sync buffers, so every rank would need the same batches
     if dist.is_ddp:
-        model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                    find_unused_parameters=find_unused_parameters)
     optimizer = build_optimizer(raw_model, cfg, lr_scales or {}, verbose=dist.master)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.dtype == "float16")
     ckpt_path = latest_checkpoint(cfg.out_dir) if cfg.resume else None
@@ -897,7 +916,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
         if ckpt:
             print(f"resumed from {ckpt_path} at step {step}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    sums, grad_norm_sum, skipped_steps, interval_start, t0 = {}, 0.0, 0, step, time.time()
+    sums, counts, grad_norm_sum, skipped_steps, interval_start, t0 = {}, {}, 0.0, 0, step, time.time()
     summary = {"step": step, "train": None, "val": None}
     model.train()
     while step < cfg.max_steps:
@@ -913,6 +932,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
                 scaler.scale(out["loss"] / accum).backward()
             for name, value in out.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
+                counts[name] = counts.get(name, 0) + 1
             step_loss += out["loss"].detach().float() / accum
         grad_norm, skipped = optimizer_step(optimizer, scaler, params, cfg.grad_clip, step_loss, step)
         skipped_steps += skipped
@@ -924,7 +944,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
 
         if log_now:
             steps, seconds = step - interval_start, time.time() - t0
-            means = {name: (total / (steps * accum)).item() for name, total in sums.items()}
+            means = {name: (total / counts[name]).item() for name, total in sums.items()}
             means["grad_norm"] = grad_norm_sum / max(1, steps - skipped_steps)
             record = {"step": step, **all_reduce_mean(means), "lr": lr,
                       "samples_per_sec": steps * cfg.batch_size / seconds}
@@ -951,7 +971,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
         if step % cfg.ckpt_interval == 0 or last:  # after evaluation, so a resumed run continues its RNG streams
             save_checkpoint(cfg, dist, step, raw_model, optimizer, scaler, loader)
         if log_now:  # the next interval's clock starts after evaluation and saving
-            sums, grad_norm_sum, skipped_steps, interval_start, t0 = {}, 0.0, 0, step, time.time()
+            sums, counts, grad_norm_sum, skipped_steps, interval_start, t0 = {}, {}, 0.0, 0, step, time.time()
     logger.close()
     return summary
 

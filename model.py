@@ -948,6 +948,13 @@ class PretrainModel(FreezableModel):
                   output, MLM the text features of matched pairs only (a mismatched picture would teach the
                   MLM head to ignore the image). One text-tower and one cross-modal pass: over a third fewer
                   FLOPs per step for the paper's two-tower model, and half the MLM targets per batch.
+    Text-only batches (no "pixel_values" and no "image_feats": a text corpus, see data.ScheduledLoader) train MLM
+    on the text path alone, through the same MLM head: one-tower, the joint stack over word pieces with no patches;
+    two-tower, the text tower, then text_proj and text_norm straight to the head, bypassing the cross-modal layers
+    (encoder.fuse's unimodal path). The cross-modal layers are not run with an empty image stream because they
+    have never learnt to: what a text-only step teaches is the text tower (what a later run can take as its
+    text_tower) and the head's vocabulary, which image-text steps then share. The vision tower, image_proj, the
+    cross-modal layers, the poolers and the ITM head get no gradient in such a step.
     """
 
     PASSES = ("separate", "shared")
@@ -999,7 +1006,28 @@ class PretrainModel(FreezableModel):
             read = read & (itm_labels[:, None] == 1)
         return read.flatten().nonzero().squeeze(1)
 
+    def mlm_outputs(self, text_feats, mlm_labels, positions):
+        """{"mlm_loss", "mlm_acc"} from text features (B, T, D), labels (B, T) (-100 where unlabelled) and the (N,)
+        flattened positions the loss reads (mlm_positions)."""
+        logits = self.mlm_head(text_feats, positions)  # (N, V)
+        targets = mlm_labels.flatten().index_select(0, positions)  # (N,)
+        # sums over N targets, not means: with N = 0 the loss is still a (zero) function of the head, so DDP's
+        # gradient hooks fire for it as on every other step, and no branch depends on N
+        n = max(positions.shape[0], 1)
+        return {"mlm_loss": F.cross_entropy(logits.float(), targets, reduction="sum") / n,
+                "mlm_acc": (logits.argmax(-1) == targets).float().sum() / n}
+
+    def forward_text(self, batch):
+        """MLM on a text-only batch, through the text path alone (see the class docstring)."""
+        enc = self.encoder
+        fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), None)  # text_feats (B, T, D)
+        out = self.mlm_outputs(fused.text_feats, batch["mlm_labels"], batch["mlm_positions"])
+        out["loss"] = self.mlm_weight * out["mlm_loss"]
+        return out
+
     def forward(self, batch):
+        if "pixel_values" not in batch and "image_feats" not in batch:
+            return self.forward_text(batch)
         enc = self.encoder
         image = self.encode_image(batch)  # (B, P, D), once for both tasks
         if self.pretrain_pass == "shared":
@@ -1015,14 +1043,7 @@ class PretrainModel(FreezableModel):
                                      image.select(batch["itm_image_index"]), cls_only=("text", "image"))
         out, loss = {}, torch.zeros((), device=image.feats.device)
         if self.mlm_head is not None:
-            positions = batch["mlm_positions"]  # (N,), see mlm_positions
-            logits = self.mlm_head(mlm_fused.text_feats, positions)  # (N, V)
-            targets = batch["mlm_labels"].flatten().index_select(0, positions)  # (N,)
-            # sums over N targets, not means: with N = 0 the loss is still a (zero) function of the head, so DDP's
-            # gradient hooks fire for it as on every other step, and no branch depends on N
-            n = max(positions.shape[0], 1)
-            out["mlm_loss"] = F.cross_entropy(logits.float(), targets, reduction="sum") / n
-            out["mlm_acc"] = (logits.argmax(-1) == targets).float().sum() / n
+            out.update(self.mlm_outputs(mlm_fused.text_feats, batch["mlm_labels"], batch["mlm_positions"]))
             loss = loss + self.mlm_weight * out["mlm_loss"]
         if self.itm_head is not None:
             logits = self.itm_head(itm_fused.pooled)  # (B, 2)
