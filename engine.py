@@ -30,6 +30,8 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from alignment import ALIGN_KINDS
+
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -44,7 +46,7 @@ class Config:
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
     compile: bool = False  # torch.compile the model before the DDP wrap
     # model
-    model_type: str = "two_tower"  # "two_tower" (two towers + cross-modal layers) or "one_tower" (one joint stack)
+    model_type: str = "two_tower"  # "two_tower" (two towers + cross-modal layers), "one_tower" (one joint stack) or "dual_encoder" (two towers, no fusion, contrastive)
     text_tower: str = "google/electra-small-discriminator"  # hub name, directory, or family (bert, electra, roberta): random init
     text_pretrained: bool = True  # load the text tower's pretrained weights; False = random init of the same shape
     vision_tower: str = "facebook/deit-tiny-patch16-224"  # hub name, directory, or family (vit, deit, beit): random init
@@ -69,6 +71,8 @@ class Config:
     cross_dropout: float = 0.1  # two-tower: cross-modal dropout rate
     onetower_stack: str = "text"  # one-tower: take the encoder stack from the "text" or the "vision" tower
     pooling: str = "double"  # one-tower: "double" (text CLS + image CLS) or "single" (first CLS only)
+    embed_dim: int = 256  # dual encoder and ITC: width of the shared image-text embedding space
+    embed_pooling: str = "cls"  # dual encoder and ITC: each side's "cls" feature or the "mean" over its real positions
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     # freezing
     freeze_text: bool = False  # freeze the whole text tower
@@ -77,6 +81,9 @@ class Config:
     freeze_modules: list[str] = field(default_factory=list)  # further modules to freeze, by dotted name
     text_trainable_top: int = -1  # train only the top k text layers (-1 = all)
     vision_trainable_top: int = -1  # train only the top k vision layers (-1 = all)
+    text_align: list[str] = field(default_factory=list)  # parameter-efficient alignment: these train in the text tower even where it is frozen: any of "layernorm", "bias", "adapter" (adds adapters)
+    vision_align: list[str] = field(default_factory=list)  # the same for the vision tower (one-tower: the key of onetower_stack)
+    adapter_reduction: int = 8  # adapters: bottleneck width = the tower's hidden size / this
     # data
     data_root: str = "data"  # root of the raw dataset folders
     corpora: list[str] = field(default_factory=lambda: ["coco", "vg"])  # any of coco, coco_official, vg, cc3m, sbu, synthetic
@@ -100,6 +107,8 @@ class Config:
     itm_neg_prob: float = 0.5  # fraction of ITM pairs given a mismatched image
     mlm_weight: float = 1.0  # weight of the MLM loss in the total (0 turns MLM off)
     itm_weight: float = 1.0  # weight of the ITM loss in the total (0 turns ITM off)
+    itc_weight: float = 0.0  # weight of the image-text contrastive loss, ITC (a dual encoder trains by it alone)
+    itm_hard_negatives: bool = False  # ITM negatives drawn by ITC similarity over the global batch, not uniformly (needs itc_weight > 0)
     pretrain_pass: str = "separate"  # "separate": MLM and ITM each run the text tower and cross-modal layers (the paper's recipe); "shared": one pass serves both, MLM on matched pairs only (37% fewer FLOPs for the paper model)
     vision_feature_cache: str = ""  # directory for the frozen vision tower's output, computed once per picture (needs freeze_vision, augment=False, coco/vg/synthetic corpora); "" = off
     # optimisation
@@ -135,14 +144,17 @@ class Config:
     vqa_heldout_fraction: float = 0.05  # VQA, when val_split is also trained on: fraction of its images held out for validation
     retrieval_negatives: int = 15  # retrieval fine-tuning: negative images per caption (at most micro_batch_size - 1)
     eval_pairs_batch: int = 1024  # retrieval evaluation: image-caption pairs per cross-encoder forward
+    retrieval_rerank_k: int = 0  # retrieval with ITC: rank all by ITC, re-score each query's top k with the ITM head (0 = ITM ranks all pairs)
+    zero_shot: bool = False  # evaluate.py: score init_from (or the run) as pretrained, no fine-tuning: retrieval by embeddings, CIFAR-10 by class-name prompts
+    zero_shot_prompts: list[str] = field(default_factory=list)  # zero-shot classification prompts, "{}" = class name ([] = built-in: photo prompts; synthetic: one per colour)
 
 
 KEY_TYPES = typing.get_type_hints(Config)
 CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "lr_decay": ("linear", "cosine"),
-           "model_type": ("two_tower", "one_tower"), "onetower_stack": ("text", "vision"),
-           "pooling": ("double", "single"), "pretrain_pass": ("separate", "shared")}
+           "model_type": ("two_tower", "one_tower", "dual_encoder"), "onetower_stack": ("text", "vision"),
+           "pooling": ("double", "single"), "pretrain_pass": ("separate", "shared"), "embed_pooling": ("cls", "mean")}
 AT_LEAST_ONE = ("batch_size", "micro_batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches",
-                "ckpt_interval", "keep_checkpoints")
+                "ckpt_interval", "keep_checkpoints", "embed_dim", "adapter_reduction")
 
 
 class ConfigError(ValueError):
@@ -262,11 +274,18 @@ def validate(cfg, world_size=1):
     for key in ("lr", "weight_decay", "warmup_steps", "grad_clip", "eps"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
-    for key in ("mlm_weight", "itm_weight"):
+    for key in ("mlm_weight", "itm_weight", "itc_weight", "retrieval_rerank_k"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
-    if cfg.mlm_weight == 0 and cfg.itm_weight == 0:
-        raise ConfigError("mlm_weight=0 and itm_weight=0 leave no pretraining loss: make one of them positive")
+    if cfg.mlm_weight == 0 and cfg.itm_weight == 0 and cfg.itc_weight == 0:
+        raise ConfigError("mlm_weight=0, itm_weight=0 and itc_weight=0 leave no pretraining loss: make one positive")
+    if cfg.itm_hard_negatives and not (cfg.itc_weight > 0 and cfg.itm_weight > 0):
+        raise ConfigError("itm_hard_negatives draws ITM negatives by ITC similarity: it needs itc_weight > 0 and "
+                          "itm_weight > 0")
+    for key in ("text_align", "vision_align"):
+        unknown = [kind for kind in getattr(cfg, key) if kind not in ALIGN_KINDS]
+        if unknown:
+            raise ConfigError(f"{key}: {unknown} not among {', '.join(ALIGN_KINDS)}")
     if cfg.pretrain_pass == "shared" and not (cfg.mlm_weight > 0 and cfg.itm_weight > 0):
         raise ConfigError("pretrain_pass='shared' shares one pass between MLM and ITM: it needs mlm_weight > 0 "
                           "and itm_weight > 0")

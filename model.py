@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, AutoModel, BeitConfig, BertConfig, DeiTConfig, ElectraConfig,
                           RobertaConfig, ViTConfig)
 
+from alignment import add_configured_adapters, train_alignment_parameters
+
 # -----------------------------------------------------------------------------
 # Towers: any Hugging Face text encoder of the BERT family or transformer vision encoder
 
@@ -520,23 +522,31 @@ class OneTowerEncoder(nn.Module):
 
 
 def build_encoder(cfg, vocab_size):
-    """The encoder the config describes. `vocab_size` is the tokenizer's, used by randomly initialised text sides."""
-    if cfg.model_type == "two_tower":
+    """The encoder the config describes. `vocab_size` is the tokenizer's, used by randomly initialised text sides.
+    Adapters (text_align / vision_align, alignment.py) go into the towers after their weights are loaded."""
+    if cfg.model_type in ("two_tower", "dual_encoder"):
         text = load_tower(cfg, "text", vocab_size)
         vision = load_tower(cfg, "vision")
         if vocab_size > text.config.vocab_size:
             raise TowerLoadError(f"tokenizer has {vocab_size} tokens but text_tower '{cfg.text_tower}' only "
                                  f"{text.config.vocab_size} embeddings")
-        return TwoTowerEncoder(text, vision, cfg.cross_hidden, cfg.cross_layers, cfg.cross_heads,
-                               cfg.cross_mlp_ratio, cfg.cross_dropout)
-    if cfg.model_type == "one_tower":
+        if cfg.model_type == "dual_encoder":
+            from contrastive import DualEncoder  # contrastive.py builds on this module: imported here, not above
+            encoder = DualEncoder(text, vision, cfg.embed_dim, cfg.embed_pooling)
+        else:
+            encoder = TwoTowerEncoder(text, vision, cfg.cross_hidden, cfg.cross_layers, cfg.cross_heads,
+                                      cfg.cross_mlp_ratio, cfg.cross_dropout)
+    elif cfg.model_type == "one_tower":
         if cfg.onetower_stack not in ("text", "vision"):
             raise TowerLoadError(f"onetower_stack must be 'text' or 'vision', not '{cfg.onetower_stack}'")
         stack = load_tower(cfg, cfg.onetower_stack, vocab_size)
         patch = cfg.patch_size if cfg.patch_size > 0 else getattr(stack.config, "patch_size", 16)
-        return OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
-                               cfg.max_text_len, cfg.pooling)
-    raise TowerLoadError(f"model_type must be 'two_tower' or 'one_tower', not '{cfg.model_type}'")
+        encoder = OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
+                                  cfg.max_text_len, cfg.pooling)
+    else:
+        raise TowerLoadError(f"model_type must be 'two_tower', 'one_tower' or 'dual_encoder', not '{cfg.model_type}'")
+    add_configured_adapters(encoder, cfg, tower_layers)
+    return encoder
 
 
 # -----------------------------------------------------------------------------
@@ -611,7 +621,7 @@ def apply_freezing(model, cfg):
     model.requires_grad_(True)
     enc = model.encoder
     frozen = []
-    if isinstance(enc, TwoTowerEncoder):
+    if hasattr(enc, "text_tower"):  # two towers: two-tower or dual encoder
         for modality in ("text", "vision"):
             name = f"encoder.{modality}_tower"
             if getattr(cfg, f"freeze_{modality}"):
@@ -620,6 +630,9 @@ def apply_freezing(model, cfg):
                 embeddings, layers, _ = tower_parts(model.get_submodule(name))
                 k = getattr(cfg, f"{modality}_trainable_top")
                 frozen += [f"{name}.{n}" for n in _below_top(embeddings, layers, k)]
+        if cfg.freeze_cross and not isinstance(enc, TwoTowerEncoder):
+            raise ValueError("freeze_cross: a dual encoder has no cross-modal layers (freeze_modules freezes its "
+                             "projections by name)")
         if cfg.freeze_cross:
             frozen += [f"encoder.{n}" for n in ("text_proj", "image_proj", "modality_type", "cross_layers",
                                                 "text_norm", "image_norm", "text_pooler", "image_pooler")]
@@ -640,7 +653,9 @@ def apply_freezing(model, cfg):
         frozen.append(name)
     for name in frozen:
         model.get_submodule(name).requires_grad_(False)
-    model.frozen_modules = list(dict.fromkeys(frozen))
+    train_alignment_parameters(enc, cfg)  # LilT: layer norms, biases, adapters train even inside frozen parts
+    # a module that still trains something runs in train mode
+    model.frozen_modules = [n for n in dict.fromkeys(frozen) if not requires_grad(model.get_submodule(n))]
     model.train(model.training)
 
 
@@ -648,7 +663,7 @@ def enable_gradient_checkpointing(model):
     """Non-reentrant checkpointing of every trainable stack (the reentrant kind yields no gradients when a
     block's inputs do not require grad, exactly the case above frozen embeddings). Call after freezing."""
     enc = model.encoder
-    if isinstance(enc, TwoTowerEncoder):
+    if hasattr(enc, "text_tower"):  # two-tower or dual encoder
         for tower in (enc.text_tower, enc.vision_tower):
             if requires_grad(tower):
                 tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -666,8 +681,9 @@ def parameter_summary(model):
 
 
 def format_parameter_summary(model):
-    lines = [f"{'module':<14} {'trainable':>13} {'total':>13}"]
-    lines += [f"{name:<14} {trainable:>13,} {total:>13,}" for name, trainable, total in parameter_summary(model)]
+    lines = [f"{'module':<14} {'trainable':>13} {'total':>13} {'share':>8}"]
+    lines += [f"{name:<14} {trainable:>13,} {total:>13,} {trainable / max(total, 1):>8.2%}"
+              for name, trainable, total in parameter_summary(model)]
     if model.frozen_modules:
         lines.append("frozen: " + ", ".join(model.frozen_modules))
     return "\n".join(lines)
@@ -692,9 +708,10 @@ class PretrainModel(FreezableModel):
 
     PASSES = ("separate", "shared")
 
-    def __init__(self, encoder, vocab_size, mlm_weight=1.0, itm_weight=1.0, pretrain_pass="separate"):
+    def __init__(self, encoder, vocab_size, mlm_weight=1.0, itm_weight=1.0, pretrain_pass="separate",
+                 itc_head=None, itc_weight=0.0):
         super().__init__()
-        assert mlm_weight > 0 or itm_weight > 0, "at least one of mlm_weight and itm_weight must be positive"
+        assert mlm_weight > 0 or itm_weight > 0 or itc_weight > 0, "at least one loss weight must be positive"
         if pretrain_pass not in self.PASSES:
             raise ValueError(f"pretrain_pass={pretrain_pass!r} is not one of {', '.join(self.PASSES)}")
         if pretrain_pass == "shared" and not (mlm_weight > 0 and itm_weight > 0):
@@ -705,9 +722,10 @@ class PretrainModel(FreezableModel):
         self.pretrain_pass = pretrain_pass
         self.mlm_head = MLMHead(encoder.dim, vocab_size) if mlm_weight > 0 else None
         self.itm_head = nn.Linear(encoder.pooled_dim, 2) if itm_weight > 0 else None
+        self.itc_head, self.itc_weight = itc_head, itc_weight  # contrastive.ITCHead, or None
 
     def heads(self):
-        return [h for h in (self.mlm_head, self.itm_head) if h is not None]
+        return [h for h in (self.mlm_head, self.itm_head, self.itc_head) if h is not None]
 
     def encode_image(self, batch):
         """The batch's images, from the vision tower's cached output when the batch carries it ("image_feats",
@@ -718,10 +736,18 @@ class PretrainModel(FreezableModel):
 
     def forward(self, batch):
         enc = self.encoder
-        image = self.encode_image(batch)  # (B, P, D), once for both tasks
+        image = self.encode_image(batch)  # (B, P, D), once for every task
         mlm_labels = batch["mlm_labels"]
-        if self.pretrain_pass == "shared":
+        out, loss = {}, torch.zeros((), device=image.feats.device)
+        clean = paired = None
+        if self.itc_head is not None:  # ITC on the clean caption and its picture, before fusion (ALBEF)
+            clean = enc.encode_text(batch["input_ids"], batch["attention_mask"])
+            itc, paired = self.itc_head(clean, image, batch)  # paired: ITM's pictures (hard negatives if asked)
+            out.update(itc)
+            loss = loss + self.itc_weight * itc["itc_loss"]
+        if paired is None and self.itm_head is not None:
             paired = image.select(batch["itm_image_index"])
+        if self.pretrain_pass == "shared":
             mlm_fused = itm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]),
                                              paired, cls_only=("image",))
             mlm_labels = mlm_labels.masked_fill(batch["itm_labels"][:, None] == 0, -100)  # matched pairs only
@@ -730,9 +756,8 @@ class PretrainModel(FreezableModel):
                 mlm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), image,
                                      cls_only=("image",))
             if self.itm_head is not None:  # ITM reads the pooled CLS pair only
-                itm_fused = enc.fuse(enc.encode_text(batch["input_ids"], batch["attention_mask"]),
-                                     image.select(batch["itm_image_index"]), cls_only=("text", "image"))
-        out, loss = {}, torch.zeros((), device=image.feats.device)
+                clean = clean if clean is not None else enc.encode_text(batch["input_ids"], batch["attention_mask"])
+                itm_fused = enc.fuse(clean, paired, cls_only=("text", "image"))
         if self.mlm_head is not None:
             logits, targets = self.mlm_head(mlm_fused.text_feats, mlm_labels)  # (N, V), (N,)
             # a sum over N targets, not a mean: with N = 0 the loss is still a (zero) function of the head,
@@ -750,8 +775,11 @@ class PretrainModel(FreezableModel):
 
 
 def build_pretrain_model(cfg, vocab_size):
-    return PretrainModel(build_encoder(cfg, vocab_size), vocab_size, cfg.mlm_weight, cfg.itm_weight,
-                         cfg.pretrain_pass)
+    encoder = build_encoder(cfg, vocab_size)
+    if cfg.model_type == "dual_encoder" or cfg.itc_weight > 0:
+        from contrastive import build_contrastive_pretrain_model  # builds on this module: imported here, not above
+        return build_contrastive_pretrain_model(cfg, encoder, vocab_size)
+    return PretrainModel(encoder, vocab_size, cfg.mlm_weight, cfg.itm_weight, cfg.pretrain_pass)
 
 
 # -----------------------------------------------------------------------------

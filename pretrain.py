@@ -1,4 +1,5 @@
-"""Pretrain a vision-language encoder with masked language modelling (MLM) and image-text matching (ITM).
+"""Pretrain a vision-language encoder with masked language modelling (MLM), image-text matching (ITM) and the
+image-text contrastive loss (ITC; a dual encoder trains by ITC alone).
 
     python pretrain.py configs/quickstart.py [--key=value ...]
     torchrun --standalone --nproc_per_node=2 pretrain.py configs/freeze_vision.py
@@ -36,18 +37,20 @@ def make_prepare_batch(cfg, tokenizer_info, device):
         itm_image_index, itm_labels = data.sample_itm_pairs(batch["image_ids"], cfg.itm_neg_prob, g)
         batch = dict(batch, mlm_input_ids=mlm_input_ids, mlm_labels=mlm_labels,
                      itm_image_index=itm_image_index, itm_labels=itm_labels)
+        if cfg.itm_hard_negatives:  # where contrastive.draw_hard_negatives falls in each caption's distribution
+            batch["itm_negative_draw"] = torch.rand(len(itm_labels), generator=g)
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return prepare_batch
 
 
 def make_evaluate(cfg, dist, val_loader, prepare_batch):
-    """Held-out MLM and ITM accuracy over the same `eval_batches` batches (same masks) every time, summed
-    over all processes before dividing."""
+    """Held-out MLM, ITM and ITC accuracy over the same `eval_batches` batches (same masks) every time, summed
+    over all processes before dividing (ITC: in-batch retrieval over each global micro-batch)."""
 
     def evaluate(model):  # engine.train calls it in eval mode, under no_grad and autocast
         val_loader.load_state_dict({"epoch": 0, "batches_done": 0})
         batches = iter(val_loader)
-        totals = torch.zeros(6, dtype=torch.float64, device=dist.device)  # mlm correct, n, loss*n; itm ...
+        totals = torch.zeros(9, dtype=torch.float64, device=dist.device)  # mlm correct, n, loss*n; itm ...; itc ...
         for i in range(min(cfg.eval_batches, val_loader.batches_per_epoch)):  # one pass at most
             batch = prepare_batch(next(batches), "eval", i * dist.world_size + dist.rank)
             out = model(batch)
@@ -56,11 +59,13 @@ def make_evaluate(cfg, dist, val_loader, prepare_batch):
             if "mlm_acc" in out:
                 totals[:3] += torch.stack([out["mlm_acc"] * n_mlm, n_mlm, out["mlm_loss"] * n_mlm]).double()
             if "itm_acc" in out:
-                totals[3:] += torch.stack([out["itm_acc"] * n_itm, n_itm, out["itm_loss"] * n_itm]).double()
+                totals[3:6] += torch.stack([out["itm_acc"] * n_itm, n_itm, out["itm_loss"] * n_itm]).double()
+            if "itc_acc" in out:
+                totals[6:] += torch.stack([out["itc_acc"] * n_itm, n_itm, out["itc_loss"] * n_itm]).double()
         if dist.is_ddp:
             tdist.all_reduce(totals)
         metrics = {}
-        for task, (correct, n, loss) in (("mlm", totals[:3]), ("itm", totals[3:])):
+        for task, (correct, n, loss) in (("mlm", totals[:3]), ("itm", totals[3:6]), ("itc", totals[6:])):
             if n > 0:
                 metrics[f"{task}_acc"] = (correct / n).item()
                 metrics[f"{task}_loss"] = (loss / n).item()
@@ -104,8 +109,9 @@ def main(argv):
 
     prepare_batch = make_prepare_batch(cfg, data.TokenizerInfo.from_tokenizer(tokenizer), dist.device)
     evaluate = make_evaluate(cfg, dist, val_loader, prepare_batch) if val_loader else None
+    lr_scales = {"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads}  # a dual encoder has no cross_modal
     engine.train(cfg, dist, model, loader, prepare_batch, evaluate,
-                 lr_scales={"cross_modal": cfg.lr_mult_cross, "heads": cfg.lr_mult_heads})
+                 lr_scales={k: v for k, v in lr_scales.items() if k in model.module_groups()})
     engine.cleanup_distributed()
 
 
