@@ -121,3 +121,17 @@ def new_adapter_keys(model_state, checkpoint_state):
     """Adapter keys of a model's state dict that a checkpoint lacks: what checked loading of a checkpoint from
     before the adapters were added expects to be missing."""
     return [key for key in model_state if is_adapter_parameter(key) and key not in checkpoint_state]
+
+
+def adapter_changes(cfg, saved):
+    """Config changes that give a model the adapters of the pretraining run whose saved config is `saved`:
+    adapters are architecture (their weights are in the checkpoint), while which layer norms and biases train
+    is the new run's choice. A run may add adapters to a model pretrained without them."""
+    changes = {}
+    for key in ("text_align", "vision_align"):
+        if "adapter" in saved.get(key, []) and "adapter" not in getattr(cfg, key):
+            changes[key] = [*getattr(cfg, key), "adapter"]
+    if any("adapter" in saved.get(key, []) for key in ("text_align", "vision_align")):
+        if saved["adapter_reduction"] != cfg.adapter_reduction:
+            changes["adapter_reduction"] = saved["adapter_reduction"]
+    return changes

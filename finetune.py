@@ -27,6 +27,7 @@ import torch
 import data
 import engine
 import tasks
+from alignment import adapter_changes, new_adapter_keys
 from model import (apply_freezing, build_encoder, enable_gradient_checkpointing, format_parameter_summary,
                    load_checked, resize_position_embeddings)
 from pretrain import batch_generator
@@ -38,8 +39,8 @@ ARCHITECTURE_KEYS = (
     "text_hidden_size", "text_layers", "text_heads", "text_mlp_ratio", "text_embedding_size",
     "vision_hidden_size", "vision_layers", "vision_heads", "vision_mlp_ratio", "patch_size",
     "cross_layers", "cross_hidden", "cross_heads", "cross_mlp_ratio", "onetower_stack", "pooling",
-    "image_mean", "image_std")
-PRETRAINING_HEADS = ("mlm_head.", "itm_head.")  # in a pretraining checkpoint, unused by downstream models
+    "embed_dim", "embed_pooling", "image_mean", "image_std")
+PRETRAINING_HEADS = ("mlm_head.", "itm_head.", "itc_head.")  # in a pretraining checkpoint, unused by downstream models
 NEW_HEAD = "head."  # every downstream model's head (tasks.py)
 
 
@@ -61,6 +62,7 @@ def adopt_architecture(cfg, saved, source, verbose=True):
     if missing:
         raise ValueError(f"{source}: its saved config lacks architecture keys {missing}")
     changes = {key: saved[key] for key in ARCHITECTURE_KEYS if saved[key] != getattr(cfg, key)}
+    changes.update(adapter_changes(cfg, saved))
     if changes and verbose:
         print(f"architecture from {source}: " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
     return dataclasses.replace(cfg, **changes)
@@ -68,10 +70,12 @@ def adopt_architecture(cfg, saved, source, verbose=True):
 
 def load_pretrained(model, task, state, source):
     """Load a pretraining state dict: position tables resized to this image size, then checked loading
-    (exactly the new head missing, nothing unused but the pretraining heads); returns a line saying so."""
+    (exactly the new head missing, and adapters this run adds to a model pretrained without them; nothing unused
+    but the pretraining heads); returns a line saying so."""
     state = resize_position_embeddings(state, model)
     try:
-        load_checked(model, state, expected_missing=(NEW_HEAD,), allowed_unexpected=PRETRAINING_HEADS)
+        load_checked(model, state, expected_missing=(NEW_HEAD, *new_adapter_keys(model.state_dict(), state)),
+                     allowed_unexpected=PRETRAINING_HEADS)
     except ValueError as e:
         raise ValueError(f"init_from {source}: {e}") from None
     head = task.init_head(model, state) or "new head initialised at random"
