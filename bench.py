@@ -75,7 +75,7 @@ def random_init_towers(cfg):
     """(cfg with the towers it uses rebuilt as random-init families at the paper models' exact dimensions,
     the paper vocabulary size or None). A tower already given as a family is left as it is; the tokenizer
     stays the hub model's, so only the weights stop depending on the hub."""
-    used = ("text", "vision") if cfg.model_type == "two_tower" else (cfg.onetower_stack,)
+    used = ("text", "vision") if cfg.model_type in ("two_tower", "dual_encoder") else (cfg.onetower_stack,)
     changes = {}
     for modality in used:
         name = getattr(cfg, f"{modality}_tower")
