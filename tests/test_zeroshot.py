@@ -13,6 +13,7 @@ import engine
 import evaluate
 import pretrain
 import tasks
+import test_pretrain
 import zeroshot
 from model import build_pretrain_model
 from tiny import tiny_config
@@ -22,15 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 60
 DUAL = dict(model_type="dual_encoder", mlm_weight=0.0, itm_weight=0.0, itc_weight=1.0, embed_dim=24)
 CPU = engine.Dist(0, 0, 1, True, torch.device("cpu"), False)
-TINY_RUN = [
-    "--corpora=synthetic", "--tokenizer=synthetic", "--synthetic_images=64", "--synthetic_image_size=32",
-    "--image_size=32", "--text_tower=bert", "--vision_tower=vit", "--text_hidden_size=32", "--text_layers=2",
-    "--text_heads=2", "--text_mlp_ratio=2", "--vision_hidden_size=32", "--vision_layers=2", "--vision_heads=2",
-    "--vision_mlp_ratio=2", "--patch_size=8", "--cross_layers=1", "--cross_hidden=32", "--cross_heads=2",
-    "--cross_mlp_ratio=2", "--max_text_len=16", "--batch_size=8", "--micro_batch_size=8", "--max_steps=2",
-    "--warmup_steps=1", "--num_workers=0", "--log_interval=1", "--eval_interval=2", "--eval_batches=1",
-    "--ckpt_interval=2", "--device=cpu", "--embed_dim=16",
-]
+# the tiny run of test_pretrain, each process's micro-batch one step's whole batch
+TINY_RUN = test_pretrain.TINY_RUN + ["--micro_batch_size=8", "--max_steps=2", "--eval_interval=2",
+                                     "--eval_batches=1", "--ckpt_interval=2", "--embed_dim=16"]
 
 
 def test_rerank_rescores_exactly_each_querys_top_k():
