@@ -704,6 +704,8 @@ class PretrainModel(FreezableModel):
                   output, MLM the text features of matched pairs only (a mismatched picture would teach the
                   MLM head to ignore the image). One text-tower and one cross-modal pass: over a third fewer
                   FLOPs per step for the paper's two-tower model, and half the MLM targets per batch.
+    With an ITC head (contrastive.ITCHead, itc_weight > 0), ITC compares the clean caption and the picture before
+    fusion; the separate ITM pass reuses that text-tower output, and the head picks ITM's pictures.
     """
 
     PASSES = ("separate", "shared")

@@ -116,10 +116,11 @@ def test_zero_shot_evaluation_of_a_dual_encoder_run(tmp_path, data_root):
 
 
 def test_two_stage_retrieval_of_a_two_tower_run_with_itc(tmp_path, data_root):
-    """rerank_k = 0 ranks every pair with ITM; k at least the candidates gives exactly that ranking again."""
+    """rerank_k = 0 ranks every pair with ITM; k at least the candidates gives exactly that ranking again.
+    (Pretrained with hard ITM negatives: pretrain.py hands the model the draws they need.)"""
     out = str(tmp_path / "itc")
     pretrain.main([str(ROOT / "configs" / "synthetic_twotower_itc.py"), *TINY_RUN, f"--data_root={data_root}",
-                   f"--out_dir={out}"])
+                   f"--out_dir={out}", "--itm_hard_negatives=true"])
     args = [out, "--zero_shot=true", "--task=coco_retrieval", "--synthetic_task=true"]
     full = evaluate.main(args)[0]["metrics"]
     everything = evaluate.main(args + ["--retrieval_rerank_k=1000"])[0]["metrics"]
