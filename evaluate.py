@@ -16,7 +16,7 @@ Zero-shot (zeroshot.py): with --zero_shot=true a pretraining run is scored as it
 cifar10 (class-name prompts) or coco/f30k retrieval (embedding similarity, or two-stage with ITC):
 
     python evaluate.py out/synthetic_dual_encoder --zero_shot=true --task=cifar10 --synthetic_task=true
-    python evaluate.py configs/zeroshot_example.py    (a config with zero_shot = True and init_from = a run)
+    python evaluate.py ZERO_SHOT_CONFIG.py    (a config with zero_shot = True, init_from = the pretraining run)
 """
 
 import json

@@ -111,6 +111,13 @@ def test_zero_shot_evaluation_of_a_dual_encoder_run(tmp_path, data_root):
     assert saved["metrics"] == records[0]["metrics"] and saved["zero_shot"]
     records = evaluate.main([out, "--zero_shot=true", "--task=cifar10", "--synthetic_task=true"])
     assert set(records[0]["metrics"]) == {"cifar10_acc"} and records[0]["items"] == 20
+    config = tmp_path / "zero_shot_cifar10.py"  # a config file naming the run by init_from, writing elsewhere
+    config.write_text(f"zero_shot = True\ninit_from = {out!r}\ntask = 'cifar10'\nsynthetic_task = True\n"
+                      f"data_root = {data_root!r}\nsynthetic_images = 64\nsynthetic_image_size = 32\nimage_size = 32\n"
+                      f"out_dir = {str(tmp_path / 'zs')!r}\n")
+    again = evaluate.main([str(config), "--num_workers=0", "--device=cpu"])
+    assert again[0]["metrics"] == records[0]["metrics"] and again[0]["run"] == str(tmp_path / "zs")
+    assert (tmp_path / "zs" / "eval" / "cifar10_test_zero_shot_metrics.json").exists()
     with pytest.raises(ValueError, match="zero_shot: task='snli_ve'"):
         evaluate.main([out, "--zero_shot=true", "--task=snli_ve", "--synthetic_task=true"])
 
