@@ -15,7 +15,7 @@ runs started from (init_from), one column per metric and split.
 Zero-shot (zeroshot.py): with --zero_shot=true a pretraining run is scored as it is, with no fine-tuning, on
 cifar10 (class-name prompts) or coco/f30k retrieval (embedding similarity, or two-stage with ITC):
 
-    python evaluate.py out/synthetic_dual_encoder --zero_shot=true --task=cifar10 --synthetic_task=true
+    python evaluate.py out/synthetic_dual_full --zero_shot=true --task=cifar10 --synthetic_task=true
     python evaluate.py ZERO_SHOT_CONFIG.py    (a config with zero_shot = True, init_from = the pretraining run)
 """
 
