@@ -278,7 +278,8 @@ def validate(cfg, world_size=1):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
     if cfg.mlm_weight == 0 and cfg.itm_weight == 0 and cfg.itc_weight == 0:
-        raise ConfigError("mlm_weight=0, itm_weight=0 and itc_weight=0 leave no pretraining loss: make one positive")
+        raise ConfigError("mlm_weight=0 and itm_weight=0 leave no pretraining loss without itc_weight > 0: make one "
+                          "of them positive")
     if cfg.itm_hard_negatives and not (cfg.itc_weight > 0 and cfg.itm_weight > 0):
         raise ConfigError("itm_hard_negatives draws ITM negatives by ITC similarity: it needs itc_weight > 0 and "
                           "itm_weight > 0")

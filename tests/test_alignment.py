@@ -10,11 +10,10 @@ import finetune
 import tasks
 from alignment import Adapter, add_adapters, is_adapter_parameter
 from model import apply_freezing, build_encoder, build_pretrain_model, format_parameter_summary, parameter_summary
-from tiny import tiny_config
+from tiny import DUAL_ENCODER as DUAL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 60
-DUAL = dict(model_type="dual_encoder", mlm_weight=0.0, itm_weight=0.0, itc_weight=1.0, embed_dim=24)
 ALL_KINDS = ["layernorm", "bias", "adapter"]
 
 

@@ -13,11 +13,10 @@ import torch.nn.functional as F
 
 from contrastive import ContrastiveLoss, DualEncoder, DualEncoderPretrainModel, draw_hard_negatives
 from model import EncoderOutput, PretrainModel, apply_freezing, build_encoder, build_pretrain_model
-from tiny import tiny_config
+from tiny import DUAL_ENCODER as DUAL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 60
-DUAL = dict(model_type="dual_encoder", mlm_weight=0.0, itm_weight=0.0, itc_weight=1.0, embed_dim=24)
 
 
 def make_batch(B=4, T=7, seed=0, image_ids=None):

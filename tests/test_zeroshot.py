@@ -16,12 +16,11 @@ import tasks
 import test_pretrain
 import zeroshot
 from model import build_pretrain_model
-from tiny import tiny_config
+from tiny import DUAL_ENCODER as DUAL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 60
-DUAL = dict(model_type="dual_encoder", mlm_weight=0.0, itm_weight=0.0, itc_weight=1.0, embed_dim=24)
 CPU = engine.Dist(0, 0, 1, True, torch.device("cpu"), False)
 # the tiny run of test_pretrain, each process's micro-batch one step's whole batch
 TINY_RUN = test_pretrain.TINY_RUN + ["--micro_batch_size=8", "--max_steps=2", "--eval_interval=2",
