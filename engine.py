@@ -144,7 +144,7 @@ class Config:
     vqa_heldout_fraction: float = 0.05  # VQA, when val_split is also trained on: fraction of its images held out for validation
     retrieval_negatives: int = 15  # retrieval fine-tuning: negative images per caption (at most micro_batch_size - 1)
     eval_pairs_batch: int = 1024  # retrieval evaluation: image-caption pairs per cross-encoder forward
-    retrieval_rerank_k: int = 0  # retrieval with ITC: rank all by ITC, re-score each query's top k with the ITM head (0 = ITM ranks all pairs)
+    retrieval_rerank_k: int = 0  # zero-shot retrieval with ITC: rank all by ITC, re-score each query's top k with the ITM head (0 = ITM ranks all pairs)
     zero_shot: bool = False  # evaluate.py: score init_from (or the run) as pretrained, no fine-tuning: retrieval by embeddings, CIFAR-10 by class-name prompts
     zero_shot_prompts: list[str] = field(default_factory=list)  # zero-shot classification prompts, "{}" = class name ([] = built-in: photo prompts; synthetic: one per colour)
 
