@@ -1,4 +1,5 @@
-"""Pretrain a vision-language encoder with masked language modelling (MLM) and image-text matching (ITM).
+"""Pretrain a vision-language encoder with masked language modelling (MLM), image-text matching (ITM) and the
+image-text contrastive loss (ITC; a dual encoder trains by ITC alone).
 
     python pretrain.py configs/quickstart.py [--key=value ...]
     torchrun --standalone --nproc_per_node=2 pretrain.py configs/freeze_vision.py
@@ -32,6 +33,8 @@ def make_prepare_batch(cfg, tokenizer_info, device):
         if "image_ids" in batch:  # a text-only batch (data.TextCollator) has no pictures to pair
             batch["itm_image_index"], batch["itm_labels"] = data.sample_itm_pairs(batch["image_ids"],
                                                                                   cfg.itm_neg_prob, g)
+            if cfg.itm_hard_negatives:  # where contrastive.draw_hard_negatives falls in each caption's distribution
+                batch["itm_negative_draw"] = torch.rand(len(batch["itm_labels"]), generator=g)
         # on the host, where the masks are drawn; a text-only batch reads every labelled position
         batch["mlm_positions"] = PretrainModel.mlm_positions(mlm_labels, batch.get("itm_labels"),
                                                              cfg.pretrain_pass if "image_ids" in batch else "separate")
@@ -40,13 +43,13 @@ def make_prepare_batch(cfg, tokenizer_info, device):
 
 
 def make_evaluate(cfg, dist, val_loader, prepare_batch):
-    """Held-out MLM and ITM accuracy over the same `eval_batches` batches (same masks) every time, summed
-    over all processes before dividing."""
+    """Held-out MLM, ITM and ITC accuracy over the same `eval_batches` batches (same masks) every time, summed
+    over all processes before dividing (ITC: in-batch retrieval over each global micro-batch)."""
 
     def evaluate(model):  # engine.train calls it in eval mode, under no_grad and autocast
         val_loader.load_state_dict({"epoch": 0, "batches_done": 0})
         batches = iter(val_loader)
-        totals = torch.zeros(6, dtype=torch.float64, device=dist.device)  # mlm correct, n, loss*n; itm ...
+        totals = torch.zeros(9, dtype=torch.float64, device=dist.device)  # mlm correct, n, loss*n; itm ...; itc ...
         for i in range(min(cfg.eval_batches, val_loader.batches_per_epoch)):  # one pass at most
             batch = prepare_batch(next(batches), "eval", i * dist.world_size + dist.rank)
             out = model(batch)
@@ -55,11 +58,13 @@ def make_evaluate(cfg, dist, val_loader, prepare_batch):
             if "mlm_acc" in out:
                 totals[:3] += torch.stack([out["mlm_acc"] * n_mlm, n_mlm, out["mlm_loss"] * n_mlm]).double()
             if "itm_acc" in out:
-                totals[3:] += torch.stack([out["itm_acc"] * n_itm, n_itm, out["itm_loss"] * n_itm]).double()
+                totals[3:6] += torch.stack([out["itm_acc"] * n_itm, n_itm, out["itm_loss"] * n_itm]).double()
+            if "itc_acc" in out:
+                totals[6:] += torch.stack([out["itc_acc"] * n_itm, n_itm, out["itc_loss"] * n_itm]).double()
         if dist.is_ddp:
             tdist.all_reduce(totals)
         metrics = {}
-        for task, (correct, n, loss) in (("mlm", totals[:3]), ("itm", totals[3:])):
+        for task, (correct, n, loss) in (("mlm", totals[:3]), ("itm", totals[3:6]), ("itc", totals[6:])):
             if n > 0:
                 metrics[f"{task}_acc"] = (correct / n).item()
                 metrics[f"{task}_loss"] = (loss / n).item()
