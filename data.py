@@ -7,20 +7,23 @@ Sections, top to bottom:
                         progress, the one progress bar of the project
   3. Caption tables     captions held in flat numpy arrays; the map-style CaptionDataset
   4. Corpus readers     COCO Karpathy, COCO official, Visual Genome (map-style)
-  5. Streaming corpora  img2dataset shards (CC3M, SBU) and CaptionStream, which mixes sources
-  6. Pretraining mix    build_pretrain_datasets
+  5. Streaming corpora  img2dataset shards (CC3M, SBU), plain-text corpora (TextLines) and CaptionStream,
+                        which mixes sources
+  6. Pretraining mix    build_pretrain_datasets, build_text_corpora
   7. Tokenizer          build_tokenizer, TokenizerInfo
   8. Image transforms   build_transform
   9. Collator           PretrainCollator
  10. MLM and ITM        mask_tokens, sample_itm_pairs (pure functions, run in the main process)
- 11. Sampling, loading  MicroBatchSampler, ResumableLoader, build_loader
+ 11. Sampling, loading  MicroBatchSampler, ResumableLoader, build_loader; ImageTextSchedule and ScheduledLoader
+                        (text-only batches before image-text data starts, and mixed in after)
  12. Feature cache      the frozen vision tower's output, computed once: with_cached_vision_features
 
 A caption item is {"image": uint8 tensor (3, H, W), "caption": str, "image_id": int}; image ids are
-unique per picture across all corpora of a run (see IMAGE_ID_OFFSETS).
+unique per picture across all corpora of a run (see IMAGE_ID_OFFSETS). A text item is {"text": str}.
 """
 
 import functools
+import gzip
 import hashlib
 import io
 import itertools
@@ -358,6 +361,69 @@ def ensure_synthetic_world(cfg, dist=None, timeout_seconds=3600.0):
         raise ValueError(f"{marker}: world generated with {found}, config asks for {wanted} "
                          f"(synthetic_images, synthetic_seed, synthetic_image_size); delete {root} or match them")
     return root
+
+
+# The synthetic world's text-only corpus: one line per random scene (scenes drawn as the world draws them, never
+# rendered), each a few clauses long: the scene's summary, then where objects are and how they relate. Only
+# grammar words are used, so the synthetic tokenizer covers it. Layout: data_root/synthetic_text/corpus.txt and
+# text.json (its parameters, written last).
+SYNTHETIC_TEXT_CLAUSES = (1, 3)  # clauses after the summary, drawn uniformly from this closed range
+
+
+def definite(phrase):
+    """'a red circle' -> 'the red circle'."""
+    return "the " + phrase.removeprefix("a ")
+
+
+def describe_scene_text(objects, image_size, rng):
+    """One line of synthetic text about a scene: 'there are two red circles and a blue square, a large red
+    circle is at the top left and the red circle is left of the blue square' (2 to 4 clauses)."""
+    verb = "is" if len(objects) == 1 else "are"
+    clauses = []
+    for obj in objects:
+        clauses.append(f"{noun_phrase(obj, bool(rng.integers(2)))} is {position_phrase(obj, image_size)}")
+    for a, b in itertools.permutations(objects, 2):
+        if (a["colour"], a["shape"]) != (b["colour"], b["shape"]):  # 'the red circle is left of a red circle' is no help
+            clauses += [f"{definite(noun_phrase(a))} is {relation} {noun_phrase(b)}"
+                        for relation in spatial_relations(a, b)]
+    clauses = list(dict.fromkeys(clauses))
+    low, high = SYNTHETIC_TEXT_CLAUSES
+    picks = rng.choice(len(clauses), size=min(int(rng.integers(low, high + 1)), len(clauses)), replace=False)
+    parts = [f"there {verb} {scene_summary(objects)}"] + [clauses[i] for i in picks]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def generate_synthetic_text(root, num_lines, seed, image_size=64):
+    """Write num_lines lines of synthetic text to root/corpus.txt; line i depends only on (seed, i), and on
+    streams apart from the world's scenes (which use (seed, i) alone)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "corpus.txt", "w", encoding="utf-8") as f:
+        for i in range(num_lines):
+            rng = np.random.default_rng([seed, i, 1])
+            f.write(describe_scene_text(sample_scene(rng, image_size), image_size, rng) + "\n")
+    _write_json(root / "text.json", _text_params(num_lines, seed, image_size))  # last: marks it complete
+
+
+def _text_params(num_lines, seed, image_size):
+    return {"num_lines": num_lines, "seed": seed, "image_size": image_size, "version": WORLD_VERSION}
+
+
+def ensure_synthetic_text(cfg, dist=None, timeout_seconds=3600.0):
+    """Path of data_root/synthetic_text/corpus.txt, generating it first if missing (cfg.synthetic_text_lines
+    lines from cfg.synthetic_seed), once across processes exactly as ensure_synthetic_world does."""
+    root = Path(cfg.data_root) / "synthetic_text"
+    marker = root / "text.json"
+    wanted = _text_params(cfg.synthetic_text_lines, cfg.synthetic_seed, cfg.synthetic_image_size)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if dist is None else dist.local_rank
+    generate_once(root, marker, lambda staging: generate_synthetic_text(
+        staging, cfg.synthetic_text_lines, cfg.synthetic_seed, cfg.synthetic_image_size), local_rank,
+        timeout_seconds, "a synthetic text corpus")
+    found = _load_json(marker)
+    if found != wanted:
+        raise ValueError(f"{marker}: text generated with {found}, config asks for {wanted} (synthetic_text_lines, "
+                         f"synthetic_seed, synthetic_image_size); delete {root} or match them")
+    return root / "corpus.txt"
 
 
 # -----------------------------------------------------------------------------
@@ -711,6 +777,84 @@ class Img2DatasetShards:
         return self._item(image, caption, key, f"{shard}:{key}.txt")
 
 
+# Plain-text corpora, as distributed: one sentence or document a line, in .txt or .txt.gz files. WikiText-103's raw
+# files (wiki.train.raw) are such files: an article is a title line ' = Title = ', section lines ' = = Section = = ',
+# paragraphs one a line (each starting with a space), and blank lines between them all. Blank lines and those
+# heading lines are skipped; WikiText's own tokenisation inside paragraphs (' @-@ ', ' @,@ ') is kept as it is.
+
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+TEXT_SHUFFLE_BUFFER = 8192  # lines a text part is shuffled within (corpora are streamed, not held in memory)
+
+
+def is_text_heading(line):
+    """True for a WikiText heading line (stripped): '= Title =', '= = Section = ='."""
+    return line.startswith("= ") and line.endswith(" =")
+
+
+class TextLines:
+    """A plain-text corpus as a CaptionStream source: one file (.txt, .txt.gz, or any other name, read as plain
+    text unless it ends in .gz, e.g. WikiText's wiki.train.raw) or a folder of .txt / .txt.gz files (its own, not
+    its sub-folders'). One item per kept line: {"text": the line, stripped}. Lines are counted and checked to be
+    UTF-8 once, when the corpus is opened, so a bad file fails at start naming its line.
+    Split: the kept lines of an epoch (files in a per-epoch shuffled order) are numbered g = 0, 1, ... and part p
+    of P takes every g with g % P == p, so the parts partition the lines; each part is then shuffled within a
+    buffer of TEXT_SHUFFLE_BUFFER lines by a generator of (seed, epoch, part), so a resumed part replays it."""
+
+    def __init__(self, path):
+        path = Path(path)
+        if path.is_dir():
+            self.files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+            if not self.files:
+                raise ValueError(f"{path}: no {' or '.join(TEXT_SUFFIXES)} files in this text corpus folder")
+        elif path.is_file():
+            self.files = [path]
+        else:
+            raise FileNotFoundError(f"text corpus not found: {path}")
+        self.line_counts = np.array([sum(1 for _ in self._lines(file)) for file in self.files], dtype=np.int64)
+        if not self.line_counts.sum():
+            raise ValueError(f"{path}: no text in this corpus (every line is blank or a heading)")
+
+    def __len__(self):
+        return int(self.line_counts.sum())
+
+    @staticmethod
+    def _lines(path):
+        """The kept lines of one file, stripped; a line that is not UTF-8 raises ValueError naming it."""
+        opener = gzip.open if path.name.endswith(".gz") else open
+        try:
+            with opener(path, "rb") as f:
+                for number, raw in enumerate(f, 1):
+                    try:
+                        line = raw.decode("utf-8").strip()
+                    except UnicodeDecodeError:
+                        raise ValueError(f"{path}: line {number} is not UTF-8 text") from None
+                    if line and not is_text_heading(line):
+                        yield line
+        except (gzip.BadGzipFile, EOFError) as e:
+            raise ValueError(f"{path}: not a readable gzip file ({e})") from None
+
+    def part_size(self, part, parts, seed, epoch):
+        return len(range(part, len(self), parts))
+
+    def records(self, part, parts, seed, epoch):
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.files))
+        lines = itertools.chain.from_iterable(self._lines(self.files[f]) for f in order)
+        mine = itertools.islice(lines, part, None, parts)
+        rng = np.random.default_rng([seed, epoch, part])
+        return (functools.partial(dict, text=line) for line in _shuffled(mine, rng, TEXT_SHUFFLE_BUFFER))
+
+
+def _shuffled(items, rng, buffer_size):
+    """The iterator `items` in an order decided by rng, holding about 2 * buffer_size of them: each new item
+    takes the place of a uniformly drawn held one, which is handed out; the last held ones come out shuffled."""
+    held = list(itertools.islice(items, buffer_size))
+    while block := list(itertools.islice(items, buffer_size)):
+        for slot, item in zip(rng.integers(len(held), size=len(block)), block):
+            yield held[slot]
+            held[slot] = item
+    yield from (held[i] for i in rng.permutation(len(held)))
+
+
 class CaptionStream(IterableDataset):
     """A training stream over several sources (Img2DatasetShards and/or map-style CaptionDatasets).
 
@@ -819,6 +963,18 @@ def build_pretrain_datasets(cfg, transform, val_transform=None):
     return train, (_concat(val_parts) if val_parts else None)
 
 
+def build_text_corpora(cfg):
+    """The text-only training stream over cfg.text_corpora: "synthetic" (the synthetic world's text corpus,
+    generated on first use) or paths of TextLines corpora, relative ones under data_root. A CaptionStream, so it is
+    split across ranks and workers, mixed and resumed as the caption streams are."""
+    if not cfg.text_corpora:
+        raise ValueError("text_corpora is empty: name text files or folders (under data_root), or 'synthetic'")
+    if len(set(cfg.text_corpora)) != len(cfg.text_corpora):
+        raise ValueError(f"text_corpora lists a corpus twice: {cfg.text_corpora}")
+    return CaptionStream([TextLines(ensure_synthetic_text(cfg) if name == "synthetic" else Path(cfg.data_root) / name)
+                          for name in cfg.text_corpora])
+
+
 def _concat(datasets):
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
@@ -903,19 +1059,32 @@ class PretrainCollator:
         self.padding = "max_length" if fixed_length else "longest"
 
     def __call__(self, items):
-        encoded = self.tokenizer([item["caption"] for item in items], padding=self.padding, truncation=True,
-                                 max_length=self.max_text_len, return_special_tokens_mask=True,
-                                 return_tensors="pt")
-        word_ids = [[-1 if w is None else w for w in encoded.word_ids(b)] for b in range(len(items))]
-        attention_mask = encoded["attention_mask"].long()  # (B, T)
         return {
             "pixel_values": torch.stack([item["image"] for item in items]),  # (B, 3, H, W)
+            **self.tokenize([item["caption"] for item in items]),
+            "image_ids": torch.tensor([item["image_id"] for item in items], dtype=torch.long),  # (B,)
+        }
+
+    def tokenize(self, texts):
+        """input_ids, attention_mask, special_tokens_mask (padding counts as special) and word_ids, each (B, T)."""
+        encoded = self.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_text_len,
+                                 return_special_tokens_mask=True, return_tensors="pt")
+        word_ids = [[-1 if w is None else w for w in encoded.word_ids(b)] for b in range(len(texts))]
+        attention_mask = encoded["attention_mask"].long()  # (B, T)
+        return {
             "input_ids": encoded["input_ids"].long(),  # (B, T)
             "attention_mask": attention_mask,
             "special_tokens_mask": encoded["special_tokens_mask"].bool() | (attention_mask == 0),  # (B, T)
             "word_ids": torch.tensor(word_ids, dtype=torch.long),  # (B, T)
-            "image_ids": torch.tensor([item["image_id"] for item in items], dtype=torch.long),  # (B,)
         }
+
+
+class TextCollator(PretrainCollator):
+    """Text items ({"text": str}) -> a text-only batch: the tokenized lines, no images (no pixel_values, no
+    image_ids), which the pretraining model trains with MLM on its text path alone."""
+
+    def __call__(self, items):
+        return self.tokenize([item["text"] for item in items])
 
 
 # -----------------------------------------------------------------------------
@@ -1137,6 +1306,95 @@ def build_loader(dataset, cfg, rank, world_size, seed, collate):
     return ResumableLoader(dataset, cfg.micro_batch_size, rank, world_size, seed, collate,
                            num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                            strict_images=cfg.strict_images)
+
+
+# The image-introduction schedule (Keh et al. 2025 found that when image-text data enters pretraining matters).
+# Each optimizer step trains on one kind of batch, "text" (a text corpus, MLM on the text path alone) or
+# "image_text" (captions with their pictures, MLM + ITM). Steps before switch_step are text-only; after it each
+# step is image-text with probability image_text_share, drawn from (seed, step) alone: every rank draws the same
+# kind, and a resumed run the same kinds as an uninterrupted one.
+
+SCHEDULE_STREAM = 0x5C4ED  # keeps the schedule's draws apart from any other generator seeded by (seed, step)
+
+
+@dataclass(frozen=True)
+class ImageTextSchedule:
+    max_steps: int
+    text_only_fraction: float  # of max_steps, text-only before image-text data starts
+    image_text_share: float  # of the steps after the switch, image-text
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.max_steps, cfg.text_only_fraction, cfg.image_text_share, cfg.seed)
+
+    @property
+    def switch_step(self):
+        """The first step that may be image-text (0-based)."""
+        return round(self.text_only_fraction * self.max_steps)
+
+    @property
+    def uses_images(self):
+        return self.switch_step < self.max_steps and self.image_text_share > 0
+
+    @property
+    def uses_text(self):
+        return self.switch_step > 0 or self.image_text_share < 1
+
+    def phase(self, step):
+        return "text_only" if step < self.switch_step else "image_text"
+
+    def kind(self, step):
+        """The kind of batch optimizer step `step` (0-based) trains on: "text" or "image_text"."""
+        if step < self.switch_step or self.image_text_share <= 0:
+            return "text"
+        if self.image_text_share >= 1:
+            return "image_text"
+        draw = np.random.default_rng([self.seed, step, SCHEDULE_STREAM]).random()
+        return "image_text" if draw < self.image_text_share else "text"
+
+
+class ScheduledLoader:
+    """Micro-batches from {"text": loader, "image_text": loader} (ResumableLoaders), each optimizer step's
+    `accum` micro-batches from the loader its kind names (schedule.kind). Resumable exactly: the state is
+    the micro-batches handed out and each loader's own state. pop_mix() gives the training log's fields."""
+
+    def __init__(self, loaders, schedule, accum):
+        self.loaders, self.schedule, self.accum = loaders, schedule, accum
+        self.micro_batches = 0
+        self.steps_of_kind = dict.fromkeys(loaders, 0)
+
+    def state_dict(self):
+        return {"micro_batches": self.micro_batches, **{kind: loader.state_dict() for kind, loader in self.loaders.items()}}
+
+    def load_state_dict(self, state):
+        self.micro_batches = int(state["micro_batches"])
+        for kind, loader in self.loaders.items():
+            loader.load_state_dict(state[kind])
+
+    def pop_skipped(self):
+        """As ResumableLoader.pop_skipped, over both loaders."""
+        reports = [loader.pop_skipped() for loader in self.loaders.values()]
+        return sum(count for count, _ in reports), [message for _, messages in reports for message in messages]
+
+    def pop_mix(self):
+        """Log fields: the phase of the last step handed out and the optimizer steps (global batches) of each
+        kind since the last call."""
+        mix = {"phase": self.schedule.phase(max(0, self.micro_batches - 1) // self.accum),
+               "image_text_batches": self.steps_of_kind.get("image_text", 0),
+               "text_batches": self.steps_of_kind.get("text", 0)}
+        self.steps_of_kind = dict.fromkeys(self.loaders, 0)
+        return mix
+
+    def __iter__(self):
+        streams = {kind: iter(loader) for kind, loader in self.loaders.items()}  # a loader starts on its first batch
+        while True:
+            step, micro = divmod(self.micro_batches, self.accum)
+            kind = self.schedule.kind(step)
+            batch = next(streams[kind])
+            self.micro_batches += 1
+            self.steps_of_kind[kind] += micro == 0
+            yield batch
 
 
 # -----------------------------------------------------------------------------

@@ -26,13 +26,15 @@ import traceback
 import typing
 import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from alignment import ALIGN_KINDS, adapter_changes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -49,7 +51,7 @@ class Config:
     compile: bool = False  # torch.compile the model in place, then wrap it in DDP (torch's advice); pretraining pads captions to max_text_len
     matmul_precision: str = "high"  # CUDA float32 matmuls: "high" (TF32 tensor cores), "medium" (bf16) or "highest" (exact fp32); no effect on CPU
     # model
-    model_type: str = "two_tower"  # "two_tower" (two towers + cross-modal layers) or "one_tower" (one joint stack)
+    model_type: str = "two_tower"  # "two_tower" (two towers + cross-modal layers), "one_tower" (one joint stack) or "dual_encoder" (two towers, no fusion, contrastive)
     text_tower: str = "google/electra-small-discriminator"  # hub name, directory, or family (bert, electra, roberta): random init
     text_pretrained: bool = True  # load the text tower's pretrained weights; False = random init of the same shape
     vision_tower: str = "facebook/deit-tiny-patch16-224"  # hub name, directory, or family (vit, deit, beit): random init
@@ -77,6 +79,8 @@ class Config:
     onetower_stack: str = "text"  # one-tower: take the encoder stack from the "text" or the "vision" tower
     onetower_embeddings: str = "tower"  # one-tower: "tower" reuses the stack model's embeddings for its modality; "fresh" (the paper's) builds new random word and patch embeddings and reuses only the layers
     pooling: str = "double"  # one-tower: "double" (text CLS + image CLS) or "single" (first CLS only)
+    embed_dim: int = 256  # dual encoder and ITC: width of the shared image-text embedding space
+    embed_pooling: str = "cls"  # dual encoder and ITC: each side's "cls" feature or the "mean" over its real positions
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     # freezing
     freeze_text: bool = False  # freeze the whole text tower
@@ -86,6 +90,9 @@ class Config:
     text_trainable_top: int = -1  # train only the top k text layers (-1 = all)
     vision_trainable_top: int = -1  # train only the top k vision layers (-1 = all)
     frozen_dropout: bool = False  # keep dropout on in frozen modules during training (the original's behaviour; default: frozen modules run in eval mode)
+    text_align: list[str] = field(default_factory=list)  # parameter-efficient alignment: these train in the text tower even where it is frozen: any of "layernorm", "bias", "adapter" (adds adapters)
+    vision_align: list[str] = field(default_factory=list)  # the same for the vision tower (one-tower: the key of onetower_stack)
+    adapter_reduction: int = 8  # adapters: bottleneck width = the tower's hidden size / this
     # data
     data_root: str = "data"  # root of the raw dataset folders
     corpora: list[str] = field(default_factory=lambda: ["coco", "vg"])  # any of coco, coco_official, vg, cc3m, sbu, synthetic
@@ -96,6 +103,8 @@ class Config:
     synthetic_images: int = 2000  # pictures in the synthetic world
     synthetic_seed: int = 0  # seed of the synthetic world (separate from seed, so training seeds share one world)
     synthetic_image_size: int = 64  # side in pixels of the rendered synthetic pictures
+    text_corpora: list[str] = field(default_factory=list)  # text-only corpora: .txt / .txt.gz files or folders of them (relative paths under data_root), or "synthetic"
+    synthetic_text_lines: int = 10000  # lines of the synthetic text corpus (several clauses each, from the world's grammar)
     image_size: int = 224  # image side in pixels after the transform
     image_resize: str = "squash"  # "squash": resize to image_size x image_size; "crop" (the original's): shorter side to image_size, bicubic, then centre crop
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
@@ -110,7 +119,12 @@ class Config:
     itm_neg_prob: float = 0.5  # fraction of ITM pairs given a mismatched image
     mlm_weight: float = 1.0  # weight of the MLM loss in the total (0 turns MLM off)
     itm_weight: float = 1.0  # weight of the ITM loss in the total (0 turns ITM off)
+    itc_weight: float = 0.0  # weight of the image-text contrastive loss, ITC (a dual encoder trains by it alone)
+    itm_hard_negatives: bool = False  # ITM negatives drawn by ITC similarity over the global batch, not uniformly (needs itc_weight > 0)
     pretrain_pass: str = "separate"  # "separate": MLM and ITM each run the text tower and cross-modal layers (the paper's recipe); "shared": one pass serves both, MLM on matched pairs only (37% fewer FLOPs for the paper model)
+    text_only_fraction: float = 0.0  # fraction of max_steps trained on text_corpora alone (MLM) before image-text data starts
+    image_text_share: float = 1.0  # after that, the share of optimizer steps on image-text data; the rest are text-only
+    save_text_tower: str = ""  # two-tower: at the end of the run, save the text tower and tokenizer here as a Hugging Face directory (a later text_tower)
     vision_feature_cache: str = ""  # directory for the frozen vision tower's output, computed once per picture (needs freeze_vision, augment=False, coco/vg/synthetic corpora); "" = off
     # optimisation
     batch_size: int = 704  # GLOBAL batch per optimizer step, over all processes and accumulation steps
@@ -148,17 +162,20 @@ class Config:
     vqa_heldout_fraction: float = 0.05  # VQA, when val_split is also trained on: fraction of its images held out for validation
     retrieval_negatives: int = 15  # retrieval fine-tuning: negative images per caption (at most micro_batch_size - 1)
     eval_pairs_batch: int = 1024  # retrieval evaluation: image-caption pairs per cross-encoder forward
+    retrieval_rerank_k: int = 0  # zero-shot retrieval with ITC: rank all by ITC, re-score each query's top k with the ITM head (0 = ITM ranks all pairs)
+    zero_shot: bool = False  # evaluate.py: score init_from (or the run) as pretrained, no fine-tuning: retrieval by embeddings, CIFAR-10 by class-name prompts
+    zero_shot_prompts: list[str] = field(default_factory=list)  # zero-shot classification prompts, "{}" = class name ([] = built-in: photo prompts; synthetic: one per colour)
 
 
 KEY_TYPES = typing.get_type_hints(Config)
 CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "lr_decay": ("linear", "cosine"),
            "matmul_precision": ("highest", "high", "medium"),
-           "model_type": ("two_tower", "one_tower"), "onetower_stack": ("text", "vision"),
+           "model_type": ("two_tower", "one_tower", "dual_encoder"), "onetower_stack": ("text", "vision"),
            "pooling": ("double", "single"), "pretrain_pass": ("separate", "shared"),
            "cross_layer_type": ("lxmert", "meter"), "onetower_embeddings": ("tower", "fresh"),
-           "image_resize": ("squash", "crop")}
+           "image_resize": ("squash", "crop"), "embed_pooling": ("cls", "mean")}
 AT_LEAST_ONE = ("batch_size", "micro_batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches",
-                "ckpt_interval", "keep_checkpoints")
+                "ckpt_interval", "keep_checkpoints", "embed_dim", "adapter_reduction")
 
 
 class ConfigError(ValueError):
@@ -284,11 +301,19 @@ def validate(cfg, world_size=1):
     for key in ("lr", "weight_decay", "warmup_steps", "grad_clip", "eps"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
-    for key in ("mlm_weight", "itm_weight"):
+    for key in ("mlm_weight", "itm_weight", "itc_weight", "retrieval_rerank_k"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
-    if cfg.mlm_weight == 0 and cfg.itm_weight == 0:
-        raise ConfigError("mlm_weight=0 and itm_weight=0 leave no pretraining loss: make one of them positive")
+    if cfg.mlm_weight == 0 and cfg.itm_weight == 0 and cfg.itc_weight == 0:
+        raise ConfigError("mlm_weight=0 and itm_weight=0 leave no pretraining loss without itc_weight > 0: make one "
+                          "of them positive")
+    if cfg.itm_hard_negatives and not (cfg.itc_weight > 0 and cfg.itm_weight > 0):
+        raise ConfigError("itm_hard_negatives draws ITM negatives by ITC similarity: it needs itc_weight > 0 and "
+                          "itm_weight > 0")
+    for key in ("text_align", "vision_align"):
+        unknown = [kind for kind in getattr(cfg, key) if kind not in ALIGN_KINDS]
+        if unknown:
+            raise ConfigError(f"{key}: {unknown} not among {', '.join(ALIGN_KINDS)}")
     if cfg.pretrain_pass == "shared" and not (cfg.mlm_weight > 0 and cfg.itm_weight > 0):
         raise ConfigError("pretrain_pass='shared' shares one pass between MLM and ITM: it needs mlm_weight > 0 "
                           "and itm_weight > 0")
@@ -299,10 +324,20 @@ def validate(cfg, world_size=1):
         raise ConfigError(f"image_resize='crop' would cut off boxes of task={cfg.task!r}: use image_resize='squash'")
     check_trackers(cfg)
     fractions = {"min_lr_ratio": cfg.min_lr_ratio, "mlm_prob": cfg.mlm_prob, "itm_neg_prob": cfg.itm_neg_prob,
-                 "betas[0]": cfg.betas[0], "betas[1]": cfg.betas[1]}
+                 "betas[0]": cfg.betas[0], "betas[1]": cfg.betas[1], "text_only_fraction": cfg.text_only_fraction,
+                 "image_text_share": cfg.image_text_share}
     for key, value in fractions.items():
         if not 0 <= value <= 1:
             raise ConfigError(f"{key}={value} must lie in [0, 1]")
+    if cfg.text_only_fraction > 0 or cfg.image_text_share < 1:
+        schedule = f"text_only_fraction={cfg.text_only_fraction} and image_text_share={cfg.image_text_share}"
+        if not cfg.text_corpora:
+            raise ConfigError(f"{schedule} ask for text-only steps, but text_corpora is empty")
+        if cfg.mlm_weight == 0:
+            raise ConfigError(f"{schedule} ask for text-only steps, which train MLM, but mlm_weight=0")
+    if cfg.save_text_tower and cfg.model_type != "two_tower":
+        raise ConfigError(f"save_text_tower needs model_type='two_tower' (got {cfg.model_type!r}): a one-tower "
+                          "model has no text tower of its own")
 
 
 def main_guard(main):
@@ -505,6 +540,28 @@ def _checkpoints(out_dir):
 def latest_checkpoint(out_dir):
     found = _checkpoints(out_dir)
     return found[-1][1] if found else None
+
+
+# The keys that decide the encoder's parameters and what its inputs mean: a fine-tuned model must have them as
+# the pretrained one did. image_size is not among them (position embeddings are interpolated), nor is dropout.
+ARCHITECTURE_KEYS = (
+    "model_type", "text_tower", "text_pretrained", "vision_tower", "vision_pretrained", "tokenizer",
+    "text_hidden_size", "text_layers", "text_heads", "text_mlp_ratio", "text_embedding_size",
+    "vision_hidden_size", "vision_layers", "vision_heads", "vision_mlp_ratio", "patch_size",
+    "cross_layers", "cross_hidden", "cross_heads", "cross_mlp_ratio", "cross_layer_type", "onetower_stack",
+    "onetower_embeddings", "pooling", "embed_dim", "embed_pooling", "image_mean", "image_std")
+
+
+def adopt_architecture(cfg, saved, source, verbose=True):
+    """cfg with the architecture keys of a pretraining run's saved config (printing those that change)."""
+    missing = [key for key in ARCHITECTURE_KEYS if key not in saved]
+    if missing:
+        raise ValueError(f"{source}: its saved config lacks architecture keys {missing}")
+    changes = {key: saved[key] for key in ARCHITECTURE_KEYS if saved[key] != getattr(cfg, key)}
+    changes.update(adapter_changes(cfg, saved))
+    if changes and verbose:
+        print(f"architecture from {source}: " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+    return replace(cfg, **changes)
 
 
 def resolve_checkpoint(path, key):
@@ -846,14 +903,17 @@ def batch_generator(seed, *key):
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") % (2 ** 63))
 
 
-def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None, lr_scales=None):
+def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None, lr_scales=None,
+          find_unused_parameters=False):
     """Train `model` (forward(batch) -> {"loss": ..., other 0-dim tensors}) for cfg.max_steps optimizer steps.
 
     loader: iterable forever with state_dict()/load_state_dict(); when it drops items whose image is bad
     (data.ResumableLoader), pop_skipped() feeds their count and paths to the log. prepare_batch(raw, step, micro_index)
     masks (seeded from step and the global micro-batch index) and moves to the device. evaluate(model)
     runs on every rank (in eval mode, no_grad, autocast) and returns reduced metrics. extra_log() returns
-    extra fields for each training log line. lr_scales: {module group: lr multiplier}.
+    extra fields for each training log line. lr_scales: {module group: lr multiplier}. find_unused_parameters:
+    passed to DDP, for models whose steps do not all use the same parameters (the outputs a step returns may then
+    differ too: each is averaged over the micro-batches that returned it).
     Freezing and gradient checkpointing are the caller's, before this call. Writes config.json and run_info.json
     once any checkpoint has loaded. Returns the last step and logs.
     """
@@ -871,7 +931,8 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
         model.compile()
     eval_model = model  # not the DDP wrapper: its forward would sync buffers, so every rank would need the same batches
     if dist.is_ddp:
-        model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                    find_unused_parameters=find_unused_parameters)
     optimizer = build_optimizer(raw_model, cfg, lr_scales or {}, verbose=dist.master)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.dtype == "float16")
     ckpt_path = latest_checkpoint(cfg.out_dir) if cfg.resume else None
@@ -898,7 +959,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
         if ckpt:
             print(f"resumed from {ckpt_path} at step {step}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    sums, grad_norm_sum, skipped_steps, interval_start, t0 = {}, 0.0, 0, step, time.time()
+    sums, counts, grad_norm_sum, skipped_steps, interval_start, t0 = {}, {}, 0.0, 0, step, time.time()
     summary = {"step": step, "train": None, "val": None}
     model.train()
     while step < cfg.max_steps:
@@ -914,6 +975,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
                 scaler.scale(out["loss"] / accum).backward()
             for name, value in out.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
+                counts[name] = counts.get(name, 0) + 1
             step_loss += out["loss"].detach().float() / accum
         grad_norm, skipped = optimizer_step(optimizer, scaler, params, cfg.grad_clip, step_loss, step)
         skipped_steps += skipped
@@ -925,7 +987,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
 
         if log_now:
             steps, seconds = step - interval_start, time.time() - t0
-            means = {name: (total / (steps * accum)).item() for name, total in sums.items()}
+            means = {name: (total / counts[name]).item() for name, total in sums.items()}
             means["grad_norm"] = grad_norm_sum / max(1, steps - skipped_steps)
             record = {"step": step, **all_reduce_mean(means), "lr": lr,
                       "samples_per_sec": steps * cfg.batch_size / seconds}
@@ -952,7 +1014,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
         if step % cfg.ckpt_interval == 0 or last:  # after evaluation, so a resumed run continues its RNG streams
             save_checkpoint(cfg, dist, step, raw_model, optimizer, scaler, loader)
         if log_now:  # the next interval's clock starts after evaluation and saving
-            sums, grad_norm_sum, skipped_steps, interval_start, t0 = {}, 0.0, 0, step, time.time()
+            sums, counts, grad_norm_sum, skipped_steps, interval_start, t0 = {}, {}, 0.0, 0, step, time.time()
     logger.close()
     return summary
 

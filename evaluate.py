@@ -12,6 +12,12 @@ server's format where one exists: VQA results, GLUE TSV, NLVR2 CSV) and <task>_<
 appends an evaluation line to log.jsonl; a split whose metrics file already comes from the newest checkpoint
 is not evaluated again. Finally it prints a markdown table like the paper's: one row per pretrained model the
 runs started from (init_from), one column per metric and split.
+
+Zero-shot (zeroshot.py): with --zero_shot=true a pretraining run is scored as it is, with no fine-tuning, on
+cifar10 (class-name prompts) or coco/f30k retrieval (embedding similarity, or two-stage with ITC):
+
+    python evaluate.py out/synthetic_dual_full --zero_shot=true --task=cifar10 --synthetic_task=true
+    python evaluate.py ZERO_SHOT_CONFIG.py    (a config with zero_shot = True, init_from = the pretraining run)
 """
 
 import json
@@ -24,6 +30,7 @@ import torch
 import data
 import engine
 import tasks
+import zeroshot
 from model import build_encoder
 from tasks.common import format_malformed_rows, malformed_rows
 
@@ -42,6 +49,15 @@ def run_config(run_dir, overrides):
     micro_batch_size = engine.command_line_overrides(overrides).get("micro_batch_size", saved["micro_batch_size"])
     fixed = [f"--out_dir={run_dir}", f"--batch_size={micro_batch_size * world_size}"]
     return engine.load_config(args + list(overrides) + fixed)
+
+
+def target_config(target, overrides):
+    """The config of a run directory, or of the run a config file's out_dir names; a zero-shot config file stands
+    for itself (it scores its init_from, so no run of its own exists yet)."""
+    if target.endswith(".py"):
+        cfg = engine.load_config([target] + overrides)
+        return cfg if cfg.zero_shot else run_config(cfg.out_dir, overrides)
+    return run_config(target, overrides)
 
 
 def model_name(cfg):
@@ -127,12 +143,12 @@ def main(argv):
     overrides = [arg for arg in argv if arg.startswith("--")]
     if not targets:
         raise ValueError("usage: evaluate.py RUN_DIR|CONFIG.py [RUN_DIR ...] [--key=value ...]")
-    run_dirs = [engine.load_config([t] + overrides).out_dir if t.endswith(".py") else t for t in targets]
-    configs = [run_config(run_dir, overrides) for run_dir in run_dirs]
+    configs = [target_config(target, overrides) for target in targets]
     dist = engine.setup_distributed(configs[0])
     records = []
     for cfg in configs:
-        records += [{**record, "run": cfg.out_dir} for record in evaluate_run(cfg, dist)]
+        evaluate = zeroshot.evaluate_zero_shot if cfg.zero_shot else evaluate_run
+        records += [{**record, "run": cfg.out_dir} for record in evaluate(cfg, dist)]
     if dist.master:
         print(results_table(records))
     engine.cleanup_distributed()

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import save_model
-from transformers import ViTImageProcessor
+from transformers import CLIPImageProcessor, ViTImageProcessor
 
 import data
 import engine
@@ -56,11 +56,18 @@ def parse_args(argv):
 
 
 def image_processor(cfg):
-    """The run's evaluation transform (data.build_transform: bilinear resize to image_size, scale to [0, 1],
-    normalise with image_mean / image_std) as a Hugging Face image processor."""
+    """The run's evaluation transform as a Hugging Face image processor: data.build_transform's resize
+    (image_resize "squash": bilinear to the square; "crop": the shorter side to image_size, bicubic, then the
+    centre square), then what the model's PixelNormalize does (scale to [0, 1], normalise with image_mean /
+    image_std)."""
+    scale = dict(do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(cfg.image_mean),
+                 image_std=list(cfg.image_std))
+    if cfg.image_resize == "crop":
+        return CLIPImageProcessor(do_resize=True, size={"shortest_edge": cfg.image_size}, do_center_crop=True,
+                                  crop_size={"height": cfg.image_size, "width": cfg.image_size},
+                                  resample=Image.Resampling.BICUBIC, do_convert_rgb=True, **scale)
     return ViTImageProcessor(do_resize=True, size={"height": cfg.image_size, "width": cfg.image_size},
-                             resample=Image.Resampling.BILINEAR, do_rescale=True, rescale_factor=1 / 255,
-                             do_normalize=True, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
+                             resample=Image.Resampling.BILINEAR, **scale)
 
 
 def load_run(checkpoint):

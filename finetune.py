@@ -5,7 +5,7 @@
     python finetune.py configs/synthetic_nlvr2.py          (offline: the task's synthetic version)
 
 The config system and the training loop are pretraining's (engine.py). With init_from, the architecture keys
-(ARCHITECTURE_KEYS) come from the checkpoint's saved config, so one task config fine-tunes any pretrained
+(engine.ARCHITECTURE_KEYS) come from the checkpoint's saved config, so one task config fine-tunes any pretrained
 model, and its weights load with a check that exactly the new head was missing and only the pretraining heads
 went unused; the image size may differ from pretraining (position embeddings are interpolated). Nothing is
 frozen unless the config says so (freeze_text, freeze_vision, freeze_cross, freeze_modules, *_trainable_top);
@@ -17,7 +17,6 @@ Start-up order, as in pretraining: config -> processes -> data and tokenizer -> 
 gradient checkpointing; engine.train does the DDP wrap, the optimizer over trainable parameters, resume, the loop.
 """
 
-import dataclasses
 import json
 import os
 import sys
@@ -27,39 +26,23 @@ import torch
 import data
 import engine
 import tasks
+from alignment import new_adapter_keys
 from model import (apply_freezing, build_encoder, enable_gradient_checkpointing, format_parameter_summary,
                    load_checked, resize_position_embeddings)
 from tasks.common import format_malformed_rows, malformed_rows, to_device, unused_modules
 
-# The keys that decide the encoder's parameters and what its inputs mean: a fine-tuned model must have them as
-# the pretrained one did. image_size is not among them (position embeddings are interpolated), nor is dropout.
-ARCHITECTURE_KEYS = (
-    "model_type", "text_tower", "text_pretrained", "vision_tower", "vision_pretrained", "tokenizer",
-    "text_hidden_size", "text_layers", "text_heads", "text_mlp_ratio", "text_embedding_size",
-    "vision_hidden_size", "vision_layers", "vision_heads", "vision_mlp_ratio", "patch_size",
-    "cross_layers", "cross_hidden", "cross_heads", "cross_mlp_ratio", "cross_layer_type", "onetower_stack",
-    "onetower_embeddings", "pooling", "image_mean", "image_std")
-PRETRAINING_HEADS = ("mlm_head.", "itm_head.")  # in a pretraining checkpoint, unused by downstream models
+PRETRAINING_HEADS = ("mlm_head.", "itm_head.", "itc_head.")  # in a pretraining checkpoint, unused by downstream models
 NEW_HEAD = "head."  # every downstream model's head (tasks/)
-
-
-def adopt_architecture(cfg, saved, source, verbose=True):
-    """cfg with the architecture keys of a pretraining run's saved config (printing those that change)."""
-    missing = [key for key in ARCHITECTURE_KEYS if key not in saved]
-    if missing:
-        raise ValueError(f"{source}: its saved config lacks architecture keys {missing}")
-    changes = {key: saved[key] for key in ARCHITECTURE_KEYS if saved[key] != getattr(cfg, key)}
-    if changes and verbose:
-        print(f"architecture from {source}: " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
-    return dataclasses.replace(cfg, **changes)
 
 
 def load_pretrained(model, task, state, source):
     """Load a pretraining state dict: position tables resized to this image size, then checked loading
-    (exactly the new head missing, nothing unused but the pretraining heads); returns a line saying so."""
+    (exactly the new head missing, and adapters this run adds to a model pretrained without them; nothing unused
+    but the pretraining heads); returns a line saying so."""
     state = resize_position_embeddings(state, model)
     try:
-        load_checked(model, state, expected_missing=(NEW_HEAD,), allowed_unexpected=PRETRAINING_HEADS)
+        load_checked(model, state, expected_missing=(NEW_HEAD, *new_adapter_keys(model.state_dict(), state)),
+                     allowed_unexpected=PRETRAINING_HEADS)
     except ValueError as e:
         raise ValueError(f"init_from {source}: {e}") from None
     head = task.init_head(model, state) or "new head initialised at random"
@@ -73,7 +56,7 @@ def main(argv):
     if cfg.init_from:
         source = engine.resolve_checkpoint(cfg.init_from, "init_from")
         pretrained = torch.load(source, map_location="cpu", weights_only=True, mmap=True)  # mmap: read what is used
-        cfg = adopt_architecture(cfg, pretrained["config"], source, verbose=int(os.environ.get("RANK", "0")) == 0)
+        cfg = engine.adopt_architecture(cfg, pretrained["config"], source, verbose=int(os.environ.get("RANK", "0")) == 0)
     dist = engine.setup_distributed(cfg)
     engine.autocast_context(dist.device, cfg.dtype)  # refuses float16 on CPU before any work
     tokenizer = data.build_tokenizer(cfg)

@@ -26,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, AutoModel, BeitConfig, BertConfig, DeiTConfig, ElectraConfig,
                           RobertaConfig, ViTConfig)
 
+from alignment import add_configured_adapters, train_alignment_parameters
+
 # -----------------------------------------------------------------------------
 # Towers: any Hugging Face text encoder of the BERT family or transformer vision encoder
 
@@ -741,33 +743,41 @@ class OneTowerEncoder(nn.Module):
 def build_encoder(cfg, vocab_size, tower_configs=None):
     """The encoder the config describes. `vocab_size` is the tokenizer's, used by randomly initialised text sides.
     tower_configs: {modality: Hugging Face config dict} a checkpoint recorded (FreezableModel.tower_configs); the
-    towers are then built from those, not from the hub or a directory, ready for the checkpoint's weights."""
+    towers are then built from those, not from the hub or a directory, ready for the checkpoint's weights.
+    Adapters (text_align / vision_align, alignment.py) go into the towers after their weights are loaded."""
     saved = tower_configs or {}
-    if cfg.model_type == "two_tower":
+    if cfg.model_type in ("two_tower", "dual_encoder"):
         text = load_tower(cfg, "text", vocab_size, saved.get("text"))
         vision = load_tower(cfg, "vision", saved_config=saved.get("vision"))
         if vocab_size > text.config.vocab_size:
             raise TowerLoadError(f"tokenizer has {vocab_size} tokens but text_tower '{cfg.text_tower}' only "
                                  f"{text.config.vocab_size} embeddings")
-        return TwoTowerEncoder(text, vision, cfg.cross_hidden, cfg.cross_layers, cfg.cross_heads,
-                               cfg.cross_mlp_ratio, cfg.cross_dropout, cfg.image_mean, cfg.image_std,
-                               cfg.cross_layer_type)
-    if cfg.model_type == "one_tower":
+        if cfg.model_type == "dual_encoder":
+            from contrastive import DualEncoder  # contrastive.py builds on this module: imported here, not above
+            encoder = DualEncoder(text, vision, cfg.embed_dim, cfg.embed_pooling, cfg.image_mean, cfg.image_std)
+        else:
+            encoder = TwoTowerEncoder(text, vision, cfg.cross_hidden, cfg.cross_layers, cfg.cross_heads,
+                                      cfg.cross_mlp_ratio, cfg.cross_dropout, cfg.image_mean, cfg.image_std,
+                                      cfg.cross_layer_type)
+    elif cfg.model_type == "one_tower":
         if cfg.onetower_stack not in ("text", "vision"):
             raise TowerLoadError(f"onetower_stack must be 'text' or 'vision', not '{cfg.onetower_stack}'")
         stack = load_tower(cfg, cfg.onetower_stack, vocab_size, saved.get(cfg.onetower_stack))
         patch = cfg.patch_size if cfg.patch_size > 0 else getattr(stack.config, "patch_size", 16)
-        return OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
-                               cfg.max_text_len, cfg.pooling, cfg.image_mean, cfg.image_std,
-                               cfg.onetower_embeddings)
-    raise TowerLoadError(f"model_type must be 'two_tower' or 'one_tower', not '{cfg.model_type}'")
+        encoder = OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
+                                  cfg.max_text_len, cfg.pooling, cfg.image_mean, cfg.image_std,
+                                  cfg.onetower_embeddings)
+    else:
+        raise TowerLoadError(f"model_type must be 'two_tower', 'one_tower' or 'dual_encoder', not '{cfg.model_type}'")
+    add_configured_adapters(encoder, cfg, tower_layers)
+    return encoder
 
 
 def hf_towers(encoder):
-    """{modality: Hugging Face model} of an encoder's towers, sharing the encoder's parameters: a two-tower
-    encoder's own two; for a one-tower encoder its stack, reassembled into the Hugging Face model it came from
+    """{modality: Hugging Face model} of an encoder's towers, sharing the encoder's parameters: a two-tower or
+    dual encoder's own two; for a one-tower encoder its stack, reassembled into the Hugging Face model it came from
     (its own modality's embeddings, the layers, the final norm), which export.py saves with save_pretrained."""
-    if isinstance(encoder, TwoTowerEncoder):
+    if hasattr(encoder, "text_tower"):  # two towers: two-tower or dual encoder
         return {"text": encoder.text_tower, "vision": encoder.vision_tower}
     model_class, kwargs = _tower_class(encoder.stack_config)
     with torch.device("meta"):  # every parameter is replaced by the encoder's below
@@ -837,7 +847,7 @@ class FreezableModel(nn.Module):
         """{modality: Hugging Face config dict} of the towers inside: what build_encoder needs to rebuild them
         without their source (checkpoints record it)."""
         encoder = self.encoder
-        if isinstance(encoder, TwoTowerEncoder):
+        if hasattr(encoder, "text_tower"):  # two towers: two-tower or dual encoder
             return {"text": encoder.text_tower.config.to_dict(), "vision": encoder.vision_tower.config.to_dict()}
         return {encoder.stack_modality: encoder.stack_config.to_dict()}
 
@@ -870,7 +880,7 @@ def apply_freezing(model, cfg):
     model.requires_grad_(True)
     enc = model.encoder
     frozen = model.unused_modules()
-    if isinstance(enc, TwoTowerEncoder):
+    if hasattr(enc, "text_tower"):  # two towers: two-tower or dual encoder
         for modality in ("text", "vision"):
             name = f"encoder.{modality}_tower"
             if getattr(cfg, f"freeze_{modality}"):
@@ -879,6 +889,9 @@ def apply_freezing(model, cfg):
                 embeddings, layers, _ = tower_parts(model.get_submodule(name))
                 k = getattr(cfg, f"{modality}_trainable_top")
                 frozen += [f"{name}.{n}" for n in _below_top(embeddings, layers, k)]
+        if cfg.freeze_cross and not isinstance(enc, TwoTowerEncoder):
+            raise ValueError("freeze_cross: a dual encoder has no cross-modal layers (freeze_modules freezes its "
+                             "projections by name)")
         if cfg.freeze_cross:
             frozen += [f"encoder.{n}" for n in ("text_proj", "image_proj", "modality_type", "cross_layers",
                                                 "text_norm", "image_norm", "text_pooler", "image_pooler")]
@@ -899,7 +912,9 @@ def apply_freezing(model, cfg):
         frozen.append(name)
     for name in frozen:
         model.get_submodule(name).requires_grad_(False)
-    model.frozen_modules = list(dict.fromkeys(frozen))
+    train_alignment_parameters(enc, cfg)  # LilT: layer norms, biases, adapters train even inside frozen parts
+    # a module that still trains something runs in train mode
+    model.frozen_modules = [n for n in dict.fromkeys(frozen) if not requires_grad(model.get_submodule(n))]
     model.frozen_dropout = cfg.frozen_dropout  # True: the original's behaviour, dropout on in frozen towers
     model.train(model.training)
 
@@ -908,7 +923,7 @@ def enable_gradient_checkpointing(model):
     """Non-reentrant checkpointing of every trainable stack (the reentrant kind yields no gradients when a
     block's inputs do not require grad, exactly the case above frozen embeddings). Call after freezing."""
     enc = model.encoder
-    if isinstance(enc, TwoTowerEncoder):
+    if hasattr(enc, "text_tower"):  # two-tower or dual encoder
         for tower in (enc.text_tower, enc.vision_tower):
             if requires_grad(tower):
                 tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -926,8 +941,9 @@ def parameter_summary(model):
 
 
 def format_parameter_summary(model):
-    lines = [f"{'module':<14} {'trainable':>13} {'total':>13}"]
-    lines += [f"{name:<14} {trainable:>13,} {total:>13,}" for name, trainable, total in parameter_summary(model)]
+    lines = [f"{'module':<14} {'trainable':>13} {'total':>13} {'share':>8}"]
+    lines += [f"{name:<14} {trainable:>13,} {total:>13,} {trainable / max(total, 1):>8.2%}"
+              for name, trainable, total in parameter_summary(model)]
     if model.frozen_modules:
         lines.append("frozen: " + ", ".join(model.frozen_modules))
     return "\n".join(lines)
@@ -948,13 +964,23 @@ class PretrainModel(FreezableModel):
                   output, MLM the text features of matched pairs only (a mismatched picture would teach the
                   MLM head to ignore the image). One text-tower and one cross-modal pass: over a third fewer
                   FLOPs per step for the paper's two-tower model, and half the MLM targets per batch.
+    Text-only batches (no "pixel_values" and no "image_feats": a text corpus, see data.ScheduledLoader) train MLM
+    on the text path alone, through the same MLM head: one-tower, the joint stack over word pieces with no patches;
+    two-tower, the text tower, then text_proj and text_norm straight to the head, bypassing the cross-modal layers
+    (encoder.fuse's unimodal path). The cross-modal layers are not run with an empty image stream because they
+    have never learnt to: what a text-only step teaches is the text tower (what a later run can take as its
+    text_tower) and the head's vocabulary, which image-text steps then share. The vision tower, image_proj, the
+    cross-modal layers, the poolers and the ITM head get no gradient in such a step.
+    With an ITC head (contrastive.ITCHead, itc_weight > 0), ITC compares the clean caption and the picture before
+    fusion; the separate ITM pass reuses that text-tower output, and the head picks ITM's pictures.
     """
 
     PASSES = ("separate", "shared")
 
-    def __init__(self, encoder, vocab_size, mlm_weight=1.0, itm_weight=1.0, pretrain_pass="separate"):
+    def __init__(self, encoder, vocab_size, mlm_weight=1.0, itm_weight=1.0, pretrain_pass="separate",
+                 itc_head=None, itc_weight=0.0):
         super().__init__()
-        assert mlm_weight > 0 or itm_weight > 0, "at least one of mlm_weight and itm_weight must be positive"
+        assert mlm_weight > 0 or itm_weight > 0 or itc_weight > 0, "at least one loss weight must be positive"
         if pretrain_pass not in self.PASSES:
             raise ValueError(f"pretrain_pass={pretrain_pass!r} is not one of {', '.join(self.PASSES)}")
         if pretrain_pass == "shared" and not (mlm_weight > 0 and itm_weight > 0):
@@ -965,9 +991,10 @@ class PretrainModel(FreezableModel):
         self.pretrain_pass = pretrain_pass
         self.mlm_head = MLMHead(encoder.dim, vocab_size) if mlm_weight > 0 else None
         self.itm_head = init_bert_style(nn.Linear(encoder.pooled_dim, 2)) if itm_weight > 0 else None
+        self.itc_head, self.itc_weight = itc_head, itc_weight  # contrastive.ITCHead, or None
 
     def heads(self):
-        return [h for h in (self.mlm_head, self.itm_head) if h is not None]
+        return [h for h in (self.mlm_head, self.itm_head, self.itc_head) if h is not None]
 
     def unused_modules(self):
         """With itm_weight=0 the MLM loss reads only the fused text features: the encoder's modules beyond them
@@ -999,11 +1026,40 @@ class PretrainModel(FreezableModel):
             read = read & (itm_labels[:, None] == 1)
         return read.flatten().nonzero().squeeze(1)
 
-    def forward(self, batch):
+    def mlm_outputs(self, text_feats, mlm_labels, positions):
+        """{"mlm_loss", "mlm_acc"} from text features (B, T, D), labels (B, T) (-100 where unlabelled) and the (N,)
+        flattened positions the loss reads (mlm_positions)."""
+        logits = self.mlm_head(text_feats, positions)  # (N, V)
+        targets = mlm_labels.flatten().index_select(0, positions)  # (N,)
+        # sums over N targets, not means: with N = 0 the loss is still a (zero) function of the head, so DDP's
+        # gradient hooks fire for it as on every other step, and no branch depends on N
+        n = max(positions.shape[0], 1)
+        return {"mlm_loss": F.cross_entropy(logits.float(), targets, reduction="sum") / n,
+                "mlm_acc": (logits.argmax(-1) == targets).float().sum() / n}
+
+    def forward_text(self, batch):
+        """MLM on a text-only batch, through the text path alone (see the class docstring)."""
         enc = self.encoder
-        image = self.encode_image(batch)  # (B, P, D), once for both tasks
-        if self.pretrain_pass == "shared":
+        fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), None)  # text_feats (B, T, D)
+        out = self.mlm_outputs(fused.text_feats, batch["mlm_labels"], batch["mlm_positions"])
+        out["loss"] = self.mlm_weight * out["mlm_loss"]
+        return out
+
+    def forward(self, batch):
+        if "pixel_values" not in batch and "image_feats" not in batch:
+            return self.forward_text(batch)
+        enc = self.encoder
+        image = self.encode_image(batch)  # (B, P, D), once for every task
+        out, loss = {}, torch.zeros((), device=image.feats.device)
+        clean = paired = None
+        if self.itc_head is not None:  # ITC on the clean caption and its picture, before fusion (ALBEF)
+            clean = enc.encode_text(batch["input_ids"], batch["attention_mask"])
+            itc, paired = self.itc_head(clean, image, batch)  # paired: ITM's pictures (hard negatives if asked)
+            out.update(itc)
+            loss = loss + self.itc_weight * itc["itc_loss"]
+        if paired is None and self.itm_head is not None:
             paired = image.select(batch["itm_image_index"])
+        if self.pretrain_pass == "shared":
             mlm_fused = itm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]),
                                              paired, cls_only=("image",))
         else:
@@ -1011,18 +1067,10 @@ class PretrainModel(FreezableModel):
                 mlm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), image,
                                      cls_only=("image",))
             if self.itm_head is not None:  # ITM reads the pooled CLS pair only
-                itm_fused = enc.fuse(enc.encode_text(batch["input_ids"], batch["attention_mask"]),
-                                     image.select(batch["itm_image_index"]), cls_only=("text", "image"))
-        out, loss = {}, torch.zeros((), device=image.feats.device)
+                clean = clean if clean is not None else enc.encode_text(batch["input_ids"], batch["attention_mask"])
+                itm_fused = enc.fuse(clean, paired, cls_only=("text", "image"))
         if self.mlm_head is not None:
-            positions = batch["mlm_positions"]  # (N,), see mlm_positions
-            logits = self.mlm_head(mlm_fused.text_feats, positions)  # (N, V)
-            targets = batch["mlm_labels"].flatten().index_select(0, positions)  # (N,)
-            # sums over N targets, not means: with N = 0 the loss is still a (zero) function of the head, so DDP's
-            # gradient hooks fire for it as on every other step, and no branch depends on N
-            n = max(positions.shape[0], 1)
-            out["mlm_loss"] = F.cross_entropy(logits.float(), targets, reduction="sum") / n
-            out["mlm_acc"] = (logits.argmax(-1) == targets).float().sum() / n
+            out.update(self.mlm_outputs(mlm_fused.text_feats, batch["mlm_labels"], batch["mlm_positions"]))
             loss = loss + self.mlm_weight * out["mlm_loss"]
         if self.itm_head is not None:
             logits = self.itm_head(itm_fused.pooled)  # (B, 2)
@@ -1034,8 +1082,11 @@ class PretrainModel(FreezableModel):
 
 
 def build_pretrain_model(cfg, vocab_size, tower_configs=None):
-    return PretrainModel(build_encoder(cfg, vocab_size, tower_configs), vocab_size, cfg.mlm_weight, cfg.itm_weight,
-                         cfg.pretrain_pass)
+    encoder = build_encoder(cfg, vocab_size, tower_configs)
+    if cfg.model_type == "dual_encoder" or cfg.itc_weight > 0:
+        from contrastive import build_contrastive_pretrain_model  # builds on this module: imported here, not above
+        return build_contrastive_pretrain_model(cfg, encoder, vocab_size)
+    return PretrainModel(encoder, vocab_size, cfg.mlm_weight, cfg.itm_weight, cfg.pretrain_pass)
 
 
 # -----------------------------------------------------------------------------

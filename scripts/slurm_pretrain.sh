@@ -17,7 +17,7 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
 srun torchrun \
     --nnodes="$SLURM_JOB_NUM_NODES" \
     --nproc_per_node="${SLURM_GPUS_ON_NODE:-8}" \

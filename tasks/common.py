@@ -267,6 +267,9 @@ def unused_modules(model, inputs: str) -> list:
         other = "vision_tower image_proj image_norm image_pooler" if inputs == "text" else \
             "text_tower text_proj text_norm text_pooler"
         return [f"encoder.{name}" for name in ["cross_layers"] + other.split()]
+    if hasattr(enc, "text_tower"):  # a dual encoder: unimodal input skips the other tower and its projection
+        other = "vision_tower image_proj" if inputs == "text" else "text_tower text_proj"
+        return [f"encoder.{name}" for name in other.split()]
     names = ["image_embeddings"] if inputs == "text" else ["text_embeddings", "text_embeddings_project"]
     if enc.image_pooler is not None:  # "double" pooling: text-only input pools with one pooler, image-only the other
         names.append("image_pooler" if inputs == "text" else "text_pooler")

@@ -21,7 +21,7 @@ import evaluate
 import export
 import finetune
 import pretrain
-from model import build_pretrain_model, load_exported
+from model import PixelNormalize, PretrainModel, build_pretrain_model, load_exported
 from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,8 @@ def fixed_batch(cfg, vocab_size):
     mask[1, 5:] = 0
     return {"pixel_values": torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=g), "input_ids": input_ids,
             "attention_mask": mask, "mlm_input_ids": input_ids.clone(), "mlm_labels": input_ids.clone(),
-            "itm_image_index": torch.tensor([1, 0]), "itm_labels": torch.tensor([1, 1])}
+            "itm_image_index": torch.tensor([1, 0]), "itm_labels": torch.tensor([1, 1]),
+            "mlm_positions": PretrainModel.mlm_positions(input_ids, torch.tensor([1, 1]), cfg.pretrain_pass)}
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +103,30 @@ def test_towers_load_with_automodel_alone(trained, tmp_path):
     processor = AutoImageProcessor.from_pretrained(out / "vision_tower")
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     torch.testing.assert_close(processor(picture, return_tensors="pt")["pixel_values"][0],
-                               data.build_transform(cfg, train=False)(picture), rtol=0, atol=1e-5)
+                               run_pixels(cfg, picture), rtol=0, atol=1e-5)
     assert processor.size == {"height": 32, "width": 32}
+
+
+def run_pixels(cfg, picture):
+    """What the run's model sees: the evaluation transform's uint8 pixels, normalised as PixelNormalize does."""
+    return PixelNormalize(cfg.image_mean, cfg.image_std)(data.build_transform(cfg, train=False)(picture)[None])[0]
+
+
+def test_image_processor_crops_as_the_run_does():
+    """image_resize="crop" (the paper configs'): shorter side to image_size, bicubic, centre square, ImageNet
+    statistics; the exported processor gives the run's pixels up to resampling rounding (PIL against torchvision's
+    bicubic) and shows the same picture: the left and right bands are cut off, as the run's transform cuts them."""
+    cfg = tiny_config(image_size=16, image_resize="crop", image_mean=(0.485, 0.456, 0.406),
+                      image_std=(0.229, 0.224, 0.225))
+    processor = export.image_processor(cfg)
+    smooth = np.tile(np.linspace(0, 255, 48, dtype=np.float32)[None, :, None], (24, 1, 3))
+    smooth[:, :8] = smooth[:, -8:] = 0  # black bands outside the centre square
+    picture = Image.fromarray(smooth.astype(np.uint8))
+    ours, theirs = run_pixels(cfg, picture), processor(picture, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == theirs.shape == (3, 16, 16)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0.15)
+    squash = run_pixels(dataclasses.replace(cfg, image_resize="squash"), picture)
+    assert (squash - ours).abs().max() > 1.0  # a squashed picture keeps the bands: the test can tell them apart
 
 
 def test_load_exported_gives_the_same_model(trained, tmp_path):

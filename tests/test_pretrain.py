@@ -69,6 +69,23 @@ def test_run_directory_and_log(tmp_path, data_root):
     assert sorted(p.name for p in Path(out).glob("ckpt_*.pt")) == ["ckpt_3.pt", "ckpt_6.pt"]
 
 
+def crash_then_resume(args, crash_at, monkeypatch):
+    """pretrain.main(args) crashing right after its step-`crash_at` checkpoint, then the same command again."""
+    save = engine.save_checkpoint
+
+    def save_then_crash(cfg, dist, step, *rest):
+        path = save(cfg, dist, step, *rest)
+        if step == crash_at:
+            raise KeyboardInterrupt(f"simulated crash after the step-{crash_at} checkpoint")
+        return path
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(args)
+    monkeypatch.setattr(engine, "save_checkpoint", save)
+    pretrain.main(args)
+
+
 def test_resume_is_exact(tmp_path, data_root, monkeypatch):
     """6 steps in one go == 3 steps, a crash, the same command again: same losses and weights, bit for bit
     (dropout on, so the restored RNG streams matter)."""
@@ -77,19 +94,7 @@ def test_resume_is_exact(tmp_path, data_root, monkeypatch):
     pretrain.main(args + [f"--out_dir={straight}"])
 
     interrupted = str(tmp_path / "interrupted")
-    save = engine.save_checkpoint
-
-    def save_then_crash(cfg, dist, step, *rest):
-        path = save(cfg, dist, step, *rest)
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash after the step-3 checkpoint")
-        return path
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain.main(args + [f"--out_dir={interrupted}"])
-    monkeypatch.setattr(engine, "save_checkpoint", save)
-    pretrain.main(args + [f"--out_dir={interrupted}"])
+    crash_then_resume(args + [f"--out_dir={interrupted}"], 3, monkeypatch)
 
     a_train, a_val = read_log(straight)
     b_train, b_val = read_log(interrupted)

@@ -28,7 +28,7 @@ def test_commands_name_existing_files():
 
 
 def test_ci_runs_the_readme_test_command():
-    command = "pip install -r requirements.txt && python -m pytest -q"
+    command = "pip install -r requirements.txt -r requirements-extras.txt && python -m pytest -q"
     assert command in README
     assert command in (ROOT / ".ci" / "run").read_text()
 

@@ -10,6 +10,9 @@ TINY = dict(
     cross_dropout=0.0, max_text_len=16, device="cpu",
 )
 
+# a dual encoder: no fusion, trained by ITC alone
+DUAL_ENCODER = dict(model_type="dual_encoder", mlm_weight=0.0, itm_weight=0.0, itc_weight=1.0, embed_dim=24)
+
 
 def tiny_config(**overrides):
     return engine.Config(**{**TINY, **overrides})
