@@ -692,15 +692,21 @@ def save_checkpoint(cfg, dist, step, model, optimizer, scaler, loader):
     return path
 
 
+def read_checkpoint(path, mmap=False):
+    """The checkpoint's contents, read by the weights-only loader, which never runs code stored in the file: a file
+    holding anything but tensors and plain containers is refused in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "not a checkpoint")
+        raise ValueError(f"{path}: refused by the weights-only loader: {detail}") from None
+
+
 def load_checkpoint(path, model, optimizer, scaler, loader):
     """Restore model, optimizer, scaler and loader from `path`; return the checkpoint (step, config, rng).
     This run's optimizer settings (lr_scale, weight decay, betas) win over the saved ones. A file holding
     anything but tensors and plain containers, or weights of another architecture, is refused in one line."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs code stored in the file
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "not a checkpoint")
-        raise ValueError(f"{path}: refused by the weights-only loader: {detail}") from None
+    ckpt = read_checkpoint(path)
     check_same_architecture(path, model.state_dict(), ckpt["model"])
     model.load_state_dict(ckpt["model"])
     saved = [g["name"] for g in ckpt["optimizer"]["param_groups"]]

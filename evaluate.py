@@ -85,7 +85,7 @@ def evaluate_run(cfg, dist):
 
     label_names = json.loads((Path(cfg.out_dir) / "labels.json").read_text())
     tokenizer = data.build_tokenizer(cfg)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    state = engine.read_checkpoint(checkpoint, mmap=True)
     model = task.build_model(build_encoder(cfg, len(tokenizer), state.get("tower_configs")), label_names)
     model.load_state_dict(state["model"])
     model.to(dist.device).eval()

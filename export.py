@@ -72,7 +72,7 @@ def image_processor(cfg):
 
 def load_run(checkpoint):
     """(model with the checkpoint's weights, its config, tokenizer, labels or None, step)."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = engine.read_checkpoint(checkpoint)
     cfg = engine.Config(**{k: v for k, v in ckpt["config"].items() if k in engine.KEY_TYPES})
     tokenizer = data.build_tokenizer(cfg)
     labels = None

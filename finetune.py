@@ -55,7 +55,7 @@ def main(argv):
     pretrained, source = None, None
     if cfg.init_from:
         source = engine.resolve_checkpoint(cfg.init_from, "init_from")
-        pretrained = torch.load(source, map_location="cpu", weights_only=True, mmap=True)  # mmap: read what is used
+        pretrained = engine.read_checkpoint(source, mmap=True)  # mmap: read what is used
         cfg = engine.adopt_architecture(cfg, pretrained["config"], source, verbose=int(os.environ.get("RANK", "0")) == 0)
     dist = engine.setup_distributed(cfg)
     engine.autocast_context(dist.device, cfg.dtype)  # refuses float16 on CPU before any work

@@ -134,7 +134,7 @@ def main(argv):
     tokenizer = data.build_tokenizer(cfg)
     resume_from = engine.latest_checkpoint(cfg.out_dir) if cfg.resume else None  # engine.train restores it
     # a resumed run builds its towers from the configs the checkpoint recorded: no hub or tower directory needed
-    towers = torch.load(resume_from, weights_only=True, mmap=True).get("tower_configs") if resume_from else None
+    towers = engine.read_checkpoint(resume_from, mmap=True).get("tower_configs") if resume_from else None
     model = build_pretrain_model(cfg, len(tokenizer), towers)
     apply_freezing(model, cfg)  # freeze, then checkpointing, then (in engine.train) DDP and the optimizer
     engine.require_trainable(model)  # an all-frozen model is refused before any data is read or generated

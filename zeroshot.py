@@ -224,7 +224,7 @@ def load_pretraining_model(cfg, dist):
     """(cfg with the pretraining run's architecture, the pretraining model with its weights, checkpoint path,
     step) from init_from, or from out_dir itself when init_from is empty."""
     source = engine.resolve_checkpoint(cfg.init_from or cfg.out_dir, "init_from")
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = engine.read_checkpoint(source, mmap=True)
     saved = checkpoint["config"]
     cfg = engine.adopt_architecture(cfg, saved, source, verbose=dist.master)
     cfg = dataclasses.replace(cfg, **{key: saved[key] for key in HEAD_KEYS + ("text_align", "vision_align",

@@ -376,5 +376,7 @@ def test_synthetic_study_configs_run(tmp_path, data_root):
 def test_real_study_configs_fail_offline_with_one_line(config, tmp_path):
     with pytest.raises(ValueError) as err:
         pretrain.main([str(ROOT / "configs" / config), f"--data_root={tmp_path}", f"--out_dir={tmp_path / 'run'}"])
-    assert "\n" not in str(err.value) and "could not load" in str(err.value)
+    # a hub name that cannot be fetched, or (the second run of the third arm) the first run's tower not made yet
+    message = str(err.value)
+    assert "\n" not in message and ("could not load" in message or "does not exist" in message), message
     assert not (tmp_path / "run").exists()
