@@ -9,7 +9,8 @@ import engine
 import finetune
 import tasks
 from alignment import Adapter, add_adapters, is_adapter_parameter
-from model import apply_freezing, build_encoder, build_pretrain_model, format_parameter_summary, parameter_summary
+from model import (PretrainModel, apply_freezing, build_encoder, build_pretrain_model, format_parameter_summary,
+                   parameter_summary)
 from tiny import DUAL_ENCODER as DUAL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +27,8 @@ def make_batch(B=3, T=6, seed=0):
     mask[1, 4:] = 0
     return dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g), input_ids=input_ids, attention_mask=mask,
                 mlm_input_ids=input_ids, mlm_labels=labels, image_ids=torch.arange(B),
-                itm_image_index=torch.tensor([1, 0, 2]), itm_labels=torch.tensor([0, 0, 1]))
+                itm_image_index=torch.tensor([1, 0, 2]), itm_labels=torch.tensor([0, 0, 1]),
+                mlm_positions=PretrainModel.mlm_positions(labels, None, "separate"))
 
 
 def is_layer_norm(name):  # the towers' own names: BERT "LayerNorm", ViT "layernorm_before/after", "layernorm"

@@ -34,7 +34,8 @@ def make_batch(B=4, T=7, seed=0, image_ids=None):
                 mlm_input_ids=mlm_input_ids, mlm_labels=labels,
                 image_ids=torch.arange(B) if image_ids is None else image_ids,
                 itm_image_index=torch.tensor([(i + 1) % B if itm_labels[i] == 0 else i for i in range(B)]),
-                itm_labels=itm_labels, itm_negative_draw=torch.rand(B, generator=g))
+                itm_labels=itm_labels, itm_negative_draw=torch.rand(B, generator=g),
+                mlm_positions=PretrainModel.mlm_positions(labels, itm_labels, "separate"))
 
 
 FAMILIES = {"bert+vit": dict(), "electra+deit": dict(text_tower="electra", text_embedding_size=16, vision_tower="deit"),
