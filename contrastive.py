@@ -132,6 +132,7 @@ class DualEncoder(nn.Module):
             raise ValueError(f"embed_pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
         self.text_tower, self.vision_tower = text_tower, vision_tower
         self.pixel_norm = PixelNormalize(image_mean, image_std)  # the loaders deliver uint8 pixels
+        self.bert_init = False  # its projections, and heads built on it, keep PyTorch's initialisation
         self.text_proj = nn.Linear(text_tower.config.hidden_size, embed_dim, bias=False)
         self.image_proj = nn.Linear(vision_tower.config.hidden_size, embed_dim, bias=False)
         self.pooling = pooling

@@ -78,6 +78,7 @@ class Config:
     cross_layer_type: str = "meter"  # two-tower: "lxmert" (the paper's: cross-attention shared by both streams, then self-attention, FFN; post-LN) or "meter" (per-stream self-attention, cross-attention, FFN; pre-LN)
     onetower_stack: str = "text"  # one-tower: take the encoder stack from the "text" or the "vision" tower
     onetower_embeddings: str = "tower"  # one-tower: "tower" reuses the stack model's embeddings for its modality; "fresh" (the paper's) builds new random word and patch embeddings and reuses only the layers
+    init_new_modules: str = "torch"  # modules added to the towers (projections, type embeddings, cross-modal layers, poolers, heads): "torch" (PyTorch's defaults) or "bert" (the original's: N(0, 0.02), zero biases, LayerNorm 1 and 0)
     pooling: str = "double"  # one-tower: "double" (text CLS + image CLS) or "single" (first CLS only)
     embed_dim: int = 256  # dual encoder and ITC: width of the shared image-text embedding space
     embed_pooling: str = "cls"  # dual encoder and ITC: each side's "cls" feature or the "mean" over its real positions
@@ -173,7 +174,8 @@ CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "lr_decay": ("linear", "
            "model_type": ("two_tower", "one_tower", "dual_encoder"), "onetower_stack": ("text", "vision"),
            "pooling": ("double", "single"), "pretrain_pass": ("separate", "shared"),
            "cross_layer_type": ("lxmert", "meter"), "onetower_embeddings": ("tower", "fresh"),
-           "image_resize": ("squash", "crop"), "embed_pooling": ("cls", "mean")}
+           "image_resize": ("squash", "crop"), "embed_pooling": ("cls", "mean"),
+           "init_new_modules": ("torch", "bert")}
 AT_LEAST_ONE = ("batch_size", "micro_batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches",
                 "ckpt_interval", "keep_checkpoints", "embed_dim", "adapter_reduction")
 

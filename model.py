@@ -235,6 +235,11 @@ def requires_grad(module):
     return any(p.requires_grad for p in module.parameters())
 
 
+def init_new(module, bert_init):
+    """`module` with BERT's initialisation when bert_init (init_new_modules="bert"), else PyTorch's defaults."""
+    return init_bert_style(module) if bert_init else module
+
+
 def init_bert_style(module):
     """BERT's initialisation, as the original gives every module it adds: Linear and Embedding weights
     N(0, 0.02) with zero biases, LayerNorm weight 1 and bias 0. Returns the module."""
@@ -497,7 +502,7 @@ class TwoTowerEncoder(nn.Module):
     """Text tower + vision tower, projected to the cross-modal width, joined by co-attention layers."""
 
     def __init__(self, text_tower, vision_tower, dim, layers, heads, mlp_ratio, dropout, image_mean, image_std,
-                 layer_type="meter"):
+                 layer_type="meter", bert_init=False):
         super().__init__()
         if layer_type not in CROSS_LAYER_TYPES:
             raise TowerLoadError(f"cross_layer_type must be one of {', '.join(CROSS_LAYER_TYPES)}, not '{layer_type}'")
@@ -512,9 +517,10 @@ class TwoTowerEncoder(nn.Module):
         final_norm = (lambda: nn.LayerNorm(dim)) if layer_type == "meter" else nn.Identity
         self.text_norm, self.image_norm = final_norm(), final_norm()
         self.text_pooler, self.image_pooler = Pooler(dim), Pooler(dim)
+        self.bert_init = bert_init  # the heads built on this encoder start the same way
         for part in (self.text_proj, self.image_proj, self.modality_type, self.cross_layers, self.text_norm,
                      self.image_norm, self.text_pooler, self.image_pooler):
-            init_bert_style(part)
+            init_new(part, bert_init)
         self.dim = dim
         self.pooled_dim = 2 * dim
         self.gradient_checkpointing = False
@@ -646,7 +652,7 @@ class OneTowerEncoder(nn.Module):
     EMBEDDINGS = ("tower", "fresh")
 
     def __init__(self, stack, stack_modality, vocab_size, image_size, patch_size, max_text_len, pooling, image_mean,
-                 image_std, embeddings="tower"):
+                 image_std, embeddings="tower", bert_init=False):
         super().__init__()
         if embeddings not in self.EMBEDDINGS:
             raise TowerLoadError(f"onetower_embeddings must be one of {', '.join(self.EMBEDDINGS)}, not '{embeddings}'")
@@ -673,10 +679,11 @@ class OneTowerEncoder(nn.Module):
         # pre-LN vision stacks end with a norm, BERT does not; with fresh embeddings only the layers are reused
         self.final_norm = getattr(stack, "layernorm", None) if reuse else None
         self.stack_config = config
-        self.modality_type = init_bert_style(nn.Embedding(3, dim))  # 0 text, 1 image, 2 second image (NLVR2)
+        self.bert_init = bert_init  # the heads built on this encoder start the same way
+        self.modality_type = init_new(nn.Embedding(3, dim), bert_init)  # 0 text, 1 image, 2 second image (NLVR2)
         self.pooling = pooling
-        self.text_pooler = init_bert_style(Pooler(dim))
-        self.image_pooler = init_bert_style(Pooler(dim)) if pooling == "double" else None
+        self.text_pooler = init_new(Pooler(dim), bert_init)
+        self.image_pooler = init_new(Pooler(dim), bert_init) if pooling == "double" else None
         self.dim = dim
         self.pooled_dim = 2 * dim if pooling == "double" else dim
         self.gradient_checkpointing = False
@@ -758,7 +765,7 @@ def build_encoder(cfg, vocab_size, tower_configs=None):
         else:
             encoder = TwoTowerEncoder(text, vision, cfg.cross_hidden, cfg.cross_layers, cfg.cross_heads,
                                       cfg.cross_mlp_ratio, cfg.cross_dropout, cfg.image_mean, cfg.image_std,
-                                      cfg.cross_layer_type)
+                                      cfg.cross_layer_type, cfg.init_new_modules == "bert")
     elif cfg.model_type == "one_tower":
         if cfg.onetower_stack not in ("text", "vision"):
             raise TowerLoadError(f"onetower_stack must be 'text' or 'vision', not '{cfg.onetower_stack}'")
@@ -766,7 +773,7 @@ def build_encoder(cfg, vocab_size, tower_configs=None):
         patch = cfg.patch_size if cfg.patch_size > 0 else getattr(stack.config, "patch_size", 16)
         encoder = OneTowerEncoder(stack, cfg.onetower_stack, vocab_size, cfg.image_size, patch,
                                   cfg.max_text_len, cfg.pooling, cfg.image_mean, cfg.image_std,
-                                  cfg.onetower_embeddings)
+                                  cfg.onetower_embeddings, cfg.init_new_modules == "bert")
     else:
         raise TowerLoadError(f"model_type must be 'two_tower', 'one_tower' or 'dual_encoder', not '{cfg.model_type}'")
     add_configured_adapters(encoder, cfg, tower_layers)
@@ -798,11 +805,11 @@ def hf_towers(encoder):
 class MLMHead(nn.Module):
     """Masked language modelling: transform, then vocabulary logits only at the given positions."""
 
-    def __init__(self, dim, vocab_size):
+    def __init__(self, dim, vocab_size, bert_init=False):
         super().__init__()
         self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
         self.decoder = nn.Linear(dim, vocab_size)
-        init_bert_style(self)
+        init_new(self, bert_init)
 
     def forward(self, text_feats, positions):  # (B, T, D), (N,) indices into the B*T positions -> (N, V)
         # Gathering first avoids paying the vocabulary projection for ~85% of positions that carry no label.
@@ -812,12 +819,12 @@ class MLMHead(nn.Module):
 class ClassifierHead(nn.Module):
     """Linear -> LayerNorm -> GELU -> Linear, the usual VL downstream head."""
 
-    def __init__(self, in_dim, num_classes, hidden_dim=None):
+    def __init__(self, in_dim, num_classes, hidden_dim=None, bert_init=False):
         super().__init__()
         hidden_dim = hidden_dim or 2 * in_dim
         self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU(),
                                  nn.Linear(hidden_dim, num_classes))
-        init_bert_style(self)
+        init_new(self, bert_init)
 
     def forward(self, x):  # (B, in_dim) -> (B, num_classes)
         return self.net(x)
@@ -989,8 +996,8 @@ class PretrainModel(FreezableModel):
         self.encoder = encoder
         self.mlm_weight, self.itm_weight = mlm_weight, itm_weight
         self.pretrain_pass = pretrain_pass
-        self.mlm_head = MLMHead(encoder.dim, vocab_size) if mlm_weight > 0 else None
-        self.itm_head = init_bert_style(nn.Linear(encoder.pooled_dim, 2)) if itm_weight > 0 else None
+        self.mlm_head = MLMHead(encoder.dim, vocab_size, encoder.bert_init) if mlm_weight > 0 else None
+        self.itm_head = init_new(nn.Linear(encoder.pooled_dim, 2), encoder.bert_init) if itm_weight > 0 else None
         self.itc_head, self.itc_weight = itc_head, itc_weight  # contrastive.ITCHead, or None
 
     def heads(self):
@@ -1124,7 +1131,8 @@ class TaskModel(FreezableModel):
     def __init__(self, encoder, num_labels, unimodal=False):
         super().__init__()
         self.encoder = encoder
-        self.head = ClassifierHead(encoder.dim if unimodal else encoder.pooled_dim, num_labels)
+        self.head = ClassifierHead(encoder.dim if unimodal else encoder.pooled_dim, num_labels,
+                                   bert_init=encoder.bert_init)
 
     def heads(self):
         return [self.head]

@@ -14,6 +14,7 @@ lr_decay = "linear"
 weight_decay = 0.01
 eps = 1e-8
 grad_clip = 0.0
+init_new_modules = "bert"  # new task heads start as the original's do
 lr_mult_cross = 15.0
 lr_mult_heads = 5.0
 log_interval = 20

@@ -16,6 +16,7 @@ image_std = (0.229, 0.224, 0.225)
 max_text_len = 50
 whole_word_mask = True
 cross_layer_type = "lxmert"
+init_new_modules = "bert"  # the original's N(0, 0.02) start for every module added to the towers
 cross_layers = 6
 cross_hidden = 256
 cross_heads = 4

@@ -102,7 +102,7 @@ class NLVR2Model(FreezableModel):
     def __init__(self, encoder):
         super().__init__()
         self.encoder = encoder
-        self.head = ClassifierHead(2 * encoder.pooled_dim, 2)
+        self.head = ClassifierHead(2 * encoder.pooled_dim, 2, bert_init=encoder.bert_init)
         self.second_image_type_from_first()
 
     def second_image_type_from_first(self) -> None:

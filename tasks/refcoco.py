@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 import data
 from data import SHAPES, StringArray
-from model import ClassifierHead, FreezableModel
+from model import ClassifierHead, FreezableModel, init_new
 from tasks.base import Task
 from tasks.common import (Transform, _classification_outputs, _field, _int_field, _read_json, _read_pickle,
                           load_image)
@@ -130,10 +130,10 @@ class BoxScoringHead(nn.Module):
     it sees the object with all its context at the cost of one pass; concatenated with the pooled output
     (which carries the expression), a classifier gives its score."""
 
-    def __init__(self, dim, pooled_dim):
+    def __init__(self, dim, pooled_dim, bert_init=False):
         super().__init__()
-        self.geometry = nn.Linear(4, dim)
-        self.score = ClassifierHead(pooled_dim + dim, 1)
+        self.geometry = init_new(nn.Linear(4, dim), bert_init)
+        self.score = ClassifierHead(pooled_dim + dim, 1, bert_init=bert_init)
 
     def forward(self, image_feats, pooled, boxes):  # (B, S, D), (B, Dp), (B, N, 4) x0 y0 x1 y1 -> (B, N)
         B, S, D = image_feats.shape
@@ -158,7 +158,7 @@ class RefCOCOModel(FreezableModel):
     def __init__(self, encoder):
         super().__init__()
         self.encoder = encoder
-        self.head = BoxScoringHead(encoder.dim, encoder.pooled_dim)
+        self.head = BoxScoringHead(encoder.dim, encoder.pooled_dim, encoder.bert_init)
 
     def heads(self):
         return [self.head]

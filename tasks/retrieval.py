@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import data
-from model import Embedded, FreezableModel
+from model import Embedded, FreezableModel, init_new
 from tasks.base import Task
 from tasks.common import Transform, in_float32, load_image
 from tasks.synthetic import generate_synthetic_flickr30k
@@ -146,7 +146,7 @@ class RetrievalModel(FreezableModel):
     def __init__(self, encoder):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.pooled_dim, 1)
+        self.head = init_new(nn.Linear(encoder.pooled_dim, 1), encoder.bert_init)
 
     def heads(self):
         return [self.head]

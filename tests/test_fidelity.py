@@ -216,7 +216,8 @@ def new_module_parts(model):
 @pytest.mark.parametrize("overrides", [dict(cross_layer_type="lxmert"), dict(cross_layer_type="meter"),
                                        dict(model_type="one_tower")])
 def test_new_modules_start_bert_style(overrides):
-    cfg = tiny_config(cross_hidden=64, cross_heads=4, text_hidden_size=64, text_heads=4, **overrides)
+    cfg = tiny_config(cross_hidden=64, cross_heads=4, text_hidden_size=64, text_heads=4, init_new_modules="bert",
+                      **overrides)
     torch.manual_seed(0)
     for model in (build_pretrain_model(cfg, 500), TaskModel(build_encoder(cfg, 500), num_labels=3)):
         weights, counted = [], 0
@@ -232,6 +233,16 @@ def test_new_modules_start_bert_style(overrides):
         w = torch.cat(weights)
         assert abs(w.mean().item()) < 1e-3 and w.std().item() == pytest.approx(0.02, rel=0.03)
         assert model.encoder.modality_type.weight.std().item() == pytest.approx(0.02, rel=0.15)  # not N(0, 1)
+
+
+@pytest.mark.parametrize("model_type", ["two_tower", "one_tower"])
+def test_new_modules_keep_pytorch_initialisation_by_default(model_type):
+    """init_new_modules="torch" (the default): PyTorch's own start, e.g. N(0, 1) modality-type embeddings and
+    Linear weights of scale 1/sqrt(fan_in), not 0.02."""
+    torch.manual_seed(0)
+    model = build_pretrain_model(tiny_config(cross_hidden=64, model_type=model_type), 500)
+    assert model.encoder.modality_type.weight.std().item() == pytest.approx(1.0, rel=0.15)
+    assert model.itm_head.weight.std().item() > 0.05 and model.itm_head.bias.abs().sum() > 0
 
 
 # -----------------------------------------------------------------------------
