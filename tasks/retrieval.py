@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import data
+from contrastive import DualEncoder
 from model import Embedded, FreezableModel, init_new
 from tasks.base import Task
 from tasks.common import Transform, in_float32, load_image
@@ -243,6 +244,9 @@ class RetrievalTask(Task):
         return {**batch, "candidate_images": candidates, "candidate_mask": valid}
 
     def build_model(self, encoder, label_names):
+        if isinstance(encoder, DualEncoder):  # its pair score would be a sum of two separate terms: it cannot rank
+            raise ValueError(f"task={self.name}: a dual encoder retrieves by embedding similarity, with no fusion for "
+                             "a pair head to score: evaluate its pretraining run with evaluate.py --zero_shot=true")
         return RetrievalModel(encoder)
 
     def init_head(self, model, pretrained_state):

@@ -170,3 +170,14 @@ def test_lilt_trains_under_seven_percent_of_its_towers():
     assert rows["total"][0] / rows["total"][1] < 0.07
     assert 0 < rows["text_tower"][0] < 0.07 * rows["text_tower"][1]
     assert 0 < rows["vision_tower"][0] < 0.07 * rows["vision_tower"][1]
+
+
+def test_fine_tuning_a_dual_encoder_on_retrieval_is_refused_in_one_line():
+    """A pair head over a dual encoder's two separate embeddings would score w·t + u·v, which cannot rank
+    captions against pictures: fine-tuning refuses it and points to zero-shot evaluation."""
+    from model import build_encoder
+    encoder = build_encoder(tiny_config(**DUAL), 60)
+    for name in ("coco_retrieval", "f30k_retrieval"):
+        with pytest.raises(ValueError, match="zero_shot=true") as err:
+            tasks.get_task(name).build_model(encoder, [])
+        assert "\n" not in str(err.value) and f"task={name}" in str(err.value)
