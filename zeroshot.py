@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader, Subset
 import data
 import engine
 import tasks
+import tasks.retrieval
 from contrastive import DualEncoder, ITCHead
 from model import Embedded, build_pretrain_model
+from tasks.retrieval import RetrievalModel, RetrievalSplit
 
 # CLIP-style photo prompts for real pictures; "{}" is the class name
 PHOTO_PROMPTS = ("a photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of a {}.",
@@ -103,7 +105,7 @@ def embed_images(embed_image, dataset, rows, cfg, device):
 
 
 def similarity_matrix(model, split, tokenizer, cfg, dist):
-    """(n_images, n_captions) cosine similarities of a tasks.RetrievalSplit: each picture and each caption
+    """(n_images, n_captions) cosine similarities of a RetrievalSplit: each picture and each caption
     embedded once, spread over the processes."""
     embed_text, embed_image = embedders(model)
     images = _rows_of_every_process(lambda rows: embed_images(embed_image, split.images, rows, cfg, dist.device),
@@ -118,7 +120,7 @@ def similarity_matrix(model, split, tokenizer, cfg, dist):
 
 
 class ITMMatcher:
-    """A pretraining model seen as a fine-tuned retrieval model (tasks.RetrievalModel): match(text, image) -> (N,)
+    """A pretraining model seen as a fine-tuned retrieval model (RetrievalModel): match(text, image) -> (N,)
     is its ITM match logit minus its mismatch logit."""
 
     def __init__(self, model):
@@ -139,7 +141,7 @@ def matcher(model):
 
 
 def match_scores(model, split, tokenizer, cfg, dist, image_rows, caption_rows):
-    """Match scores (N,) of the pairs (image_rows[n], caption_rows[n]) of a tasks.RetrievalSplit: every picture
+    """Match scores (N,) of the pairs (image_rows[n], caption_rows[n]) of a RetrievalSplit: every picture
     and caption encoded once, the pairs fused eval_pairs_batch at a time, spread over the processes."""
     scorer, device = matcher(model), dist.device
     enc = scorer.encoder
@@ -190,7 +192,7 @@ def retrieval_scores(model, split, tokenizer, cfg, dist):
         similarity = similarity_matrix(model, split, tokenizer, cfg, dist)  # refuses a model without ITC
         return rerank(similarity, cfg.retrieval_rerank_k,
                       lambda images, captions: match_scores(model, split, tokenizer, cfg, dist, images, captions))
-    full = torch.from_numpy(tasks.retrieval_scores(matcher(model), split, tokenizer, cfg, dist))
+    full = torch.from_numpy(tasks.retrieval.retrieval_scores(matcher(model), split, tokenizer, cfg, dist))
     return full, full
 
 

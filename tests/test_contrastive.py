@@ -176,7 +176,10 @@ def _losses_and_grads(model, batch):
 
 
 def _split(batch, rank):
-    return {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
+    """This rank's rows; the MLM positions (indices into the flattened rows) are computed afresh for them."""
+    part = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items() if k != "mlm_positions"}
+    part["mlm_positions"] = PretrainModel.mlm_positions(part["mlm_labels"], part["itm_labels"], "separate")
+    return part
 
 
 def _gather_worker(rank, world_size, port, results):

@@ -16,6 +16,7 @@ import tasks
 import test_pretrain
 import zeroshot
 from model import build_pretrain_model
+from tasks.retrieval import RETRIEVAL_METRICS, RetrievalSplit
 from tiny import DUAL_ENCODER as DUAL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,7 +73,7 @@ def test_similarity_and_prompt_ensemble_are_the_embeddings_products():
     images = torch.randn(5, 3, 32, 32)
     captions = ["a red circle", "two blue squares", "a star", "a green cross at the top", "a white diamond",
                 "a red star"]
-    split = tasks.RetrievalSplit(Pictures(images), np.arange(5), captions, np.array([0, 1, 2, 3, 4, 4]))
+    split = RetrievalSplit(Pictures(images), np.arange(5), captions, np.array([0, 1, 2, 3, 4, 4]))
     with torch.no_grad():
         similarity = zeroshot.similarity_matrix(model, split, tokenizer, cfg, CPU)
         tokens = tokenizer(captions, padding="longest", return_tensors="pt")
@@ -105,7 +106,7 @@ def test_zero_shot_evaluation_of_a_dual_encoder_run(tmp_path, data_root):
     val = [json.loads(line) for line in open(Path(out) / "log.jsonl") if '"split"' in line]
     assert {"itc_acc", "itc_loss"} <= set(val[-1])
     records = evaluate.main([out, "--zero_shot=true", "--task=coco_retrieval", "--synthetic_task=true"])
-    assert set(records[0]["metrics"]) == {f"coco_{m}" for m in tasks.RETRIEVAL_METRICS}
+    assert set(records[0]["metrics"]) == {f"coco_{m}" for m in RETRIEVAL_METRICS}
     saved = json.loads((Path(out) / "eval" / "coco_retrieval_test_zero_shot_metrics.json").read_text())
     assert saved["metrics"] == records[0]["metrics"] and saved["zero_shot"]
     records = evaluate.main([out, "--zero_shot=true", "--task=cifar10", "--synthetic_task=true"])
