@@ -28,6 +28,8 @@ from tasks.nlvr2 import NLVR2Dataset, nlvr2_consistency, nlvr2_sentence_key
 from tasks.refcoco import BoxScoringHead, RefCOCODataset
 from tasks.retrieval import (RetrievalModel, RetrievalSplit, load_retrieval_split, retrieval_recall, retrieval_scores,
                              sample_negative_images)
+from tasks.scenes import (SCENE_ATTRIBUTES, SCENE_COUNTS, SCENE_KINDS, SceneAttributesModel,
+                          decode_predictions)
 from tasks.snli_ve import SNLIVEDataset
 from tasks.synthetic import SYNTHETIC_MARKER
 from tasks.vqa import (VQADataset, build_answer_vocab, heldout_split_by_image, normalize_answer, read_vqa_annotations,
@@ -970,3 +972,44 @@ def test_bfloat16_evaluation_scores_come_from_a_float32_layer(one_thread):
         bf16, fp32 = float32_head_of(regression.head, lambda: regression.predict(batch))
     assert bf16.dtype == torch.float32 and len(bf16.unique()) == len(captions)
     assert torch.equal(bf16, fp32)
+
+
+def test_scene_attributes_targets_predictions_and_scores(synthetic_root):
+    """The vision tower's objective: every kind present and the total count, from scenes.json; predictions travel
+    as bitmasks and are scored per picture (all right), per kind (F1) and by count."""
+    world_root = synthetic_root / "synthetic"
+    task = tasks.TASKS["scenes"]
+    train = task.train_dataset(synthetic_cfg(synthetic_root), to_tensor)
+    scenes = json.loads((world_root / "scenes.json").read_text())["scenes"]
+    assert len(train) == sum(s["split"] in ("train", "restval") for s in scenes)
+    item = train[0]
+    objects = train.scenes[0]["objects"]
+    named = {SCENE_ATTRIBUTES[k] for k in np.flatnonzero(item["target"].numpy())}
+    assert named == {f"{o['colour']} {o['shape']}" for o in objects} | {SCENE_COUNTS[len(objects) - 1]}
+    assert item["image"].shape == (3, 32, 32)
+    test = task.eval_dataset(synthetic_cfg(synthetic_root), "test", to_tensor)
+    truth = test.targets.astype(np.int64)
+    as_bits = (truth << np.arange(truth.shape[1])).sum(1).astype(np.float64)  # as predict_items returns them
+    assert (decode_predictions(as_bits, truth.shape[1]) == truth).all()
+    assert task.score(as_bits, test, "test") == {"scenes_acc": 1.0, "scenes_kind_f1": 1.0, "scenes_count_acc": 1.0}
+    one_kind_missed = truth.copy()
+    one_kind_missed[0, np.flatnonzero(truth[0, :len(SCENE_KINDS)])[0]] = 0
+    scores = task.score((one_kind_missed << np.arange(truth.shape[1])).sum(1).astype(np.float64), test, "test")
+    present = truth[:, :len(SCENE_KINDS)].sum()
+    assert scores["scenes_acc"] == 1 - 1 / len(test) and scores["scenes_count_acc"] == 1.0
+    assert scores["scenes_kind_f1"] == pytest.approx(2 * (present - 1) / (2 * present - 1))
+    with pytest.raises(ValueError, match="task=scenes reads a synthetic world"):
+        task.train_dataset(synthetic_cfg(synthetic_root, synthetic_task=False), to_tensor)
+
+
+def test_scene_attributes_model_predicts_the_bitmask_of_positive_logits():
+    encoder = build_encoder(tiny_config(), vocab_size=40)
+    model = SceneAttributesModel(encoder, len(SCENE_ATTRIBUTES)).eval()
+    batch = {"pixel_values": torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8),
+             "targets": torch.zeros(3, len(SCENE_ATTRIBUTES))}
+    with torch.no_grad():
+        positive = (model.logits(batch) > 0).numpy().astype(np.int64)
+        bits = decode_predictions(model.predict(batch).double().numpy(), len(SCENE_ATTRIBUTES))
+        out = model(batch)
+    assert (bits == positive).all()
+    assert out["acc"].item() == float((positive == 0).all(1).mean())
