@@ -17,6 +17,7 @@ from torch.utils.data import ConcatDataset
 
 import engine
 import tasks
+import world
 from config import load_config
 from data import synthetic_tokenizer
 from encoders import build_encoder
@@ -31,7 +32,7 @@ from tasks.retrieval import (RetrievalModel, RetrievalSplit, load_retrieval_spli
 from tasks.scenes import (SCENE_ATTRIBUTES, SCENE_COUNTS, SCENE_KINDS, SceneAttributesModel,
                           decode_predictions)
 from tasks.snli_ve import SNLIVEDataset
-from tasks.synthetic import SYNTHETIC_MARKER
+from tasks.synthetic import SYNTHETIC_FLICKR_ID, SYNTHETIC_MARKER
 from tasks.vqa import (VQADataset, build_answer_vocab, heldout_split_by_image, normalize_answer, read_vqa_annotations,
                        vqa_accuracy, vqa_score, vqa_soft_score, write_vqa_results)
 from tiny import tiny_config
@@ -1013,3 +1014,41 @@ def test_scene_attributes_model_predicts_the_bitmask_of_positive_logits():
         out = model(batch)
     assert (bits == positive).all()
     assert out["acc"].item() == float((positive == 0).all(1).mean())
+
+
+def every_statement():
+    """{text: statement} over every statement the world's templates can make (about 11,000)."""
+    kinds = [(c, s) for c in world.COLOURS for s in SHAPES]
+    found = [{"type": "object", "colour": c, "shape": s, "size": size, "where": where} for c, s in kinds
+             for size in (None, *world.SIZES) for where in (None, *world.POSITIONS)]
+    found += [{"type": "count", "colour": c, "shape": s, "count": n} for c in (None, *world.COLOURS)
+              for s in (None, *SHAPES) for n in world.NUMBER_WORDS]
+    found += [{"type": "relation", "a": {"colour": a[0], "shape": a[1]}, "relation": r,
+               "b": {"colour": b[0], "shape": b[1]}} for a in kinds for b in kinds
+              for r in (*world.RELATIONS, *world.SIZE_RELATIONS)]
+    return {world.statement_text(s): s for s in found}
+
+
+def test_synthetic_statements_are_true_or_false_of_their_pictures(synthetic_root):
+    """NLVR2's label is the truth of its statement in the picture it names; SNLI-VE's entailments are true of
+    the picture and its contradictions false."""
+    root = synthetic_root / "synthetic"
+    scenes = json.loads((root / "scenes.json").read_text())
+    objects_of, image_size = {s["image_id"]: s["objects"] for s in scenes["scenes"]}, scenes["image_size"]
+    statements = every_statement()
+    for split in ("train", "dev"):
+        for line in (root / f"nlvr2/{split}.json").read_text().splitlines():
+            record = json.loads(line)
+            side, phrase = record["sentence"].removeprefix("in the ").split(" image ", 1)
+            image_id = int(record[f"{side}_url"].removeprefix("synthetic://"))
+            truth = world.statement_holds(statements[phrase], objects_of[image_id], image_size)
+            assert record["label"] == str(truth), record
+    labels = Counter()
+    for line in (root / "snli_ve/snli_ve_train.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["gold_label"] != "neutral":
+            image_id = int(record["Flikr30kID"].removesuffix(".jpg")) - SYNTHETIC_FLICKR_ID
+            truth = world.statement_holds(statements[record["sentence2"]], objects_of[image_id], image_size)
+            assert truth == (record["gold_label"] == "entailment"), record
+            labels[record["gold_label"]] += 1
+    assert labels["entailment"] == labels["contradiction"] > 0
