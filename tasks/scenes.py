@@ -1,5 +1,5 @@
-"""Scene attributes (image only): which kinds of object a picture of the synthetic world holds and how many
-objects in all, as multi-label classification. Its files are a synthetic world's own (world.py: scenes.json
+"""Scene attributes (image only): which colours, shapes and kinds of object a picture of the synthetic world
+holds, and how many objects in all. Its files are a synthetic world's own (world.py: scenes.json
 and the pictures); it is the image-only objective a vision tower is pretrained with for the synthetic studies
 (configs/synthetic_vision_tower.py), richer than synthetic CIFAR-10's one shape per picture: naming every kind
 takes colour and shape bound together, among distractors, and the total takes counting.
@@ -22,19 +22,22 @@ from tasks.synthetic import _world_image, _world_scenes
 # -----------------------------------------------------------------------------
 # Scene attributes: picture -> the set of kinds present and the number of objects
 
-SCENE_KINDS = [f"{colour} {shape}" for colour in world.COLOURS for shape in world.SHAPES]
+SCENE_PRESENT = [*world.COLOURS, *world.SHAPES,  # each colour, shape and kind present somewhere in the picture
+                 *(f"{colour} {shape}" for colour in world.COLOURS for shape in world.SHAPES)]
 SCENE_COUNTS = [f"{world.NUMBER_WORDS[n]} {'object' if n == 1 else 'objects'}"
-                for n in range(1, world.MAX_OBJECTS + 1)]
-SCENE_ATTRIBUTES = SCENE_KINDS + SCENE_COUNTS  # 41: a prediction is a bitmask that float64 holds exactly
+                for n in range(1, world.MAX_OBJECTS + 1)]  # how many objects in all: exactly one of them
+SCENE_ATTRIBUTES = SCENE_PRESENT + SCENE_COUNTS  # 53: a prediction is a bitmask, which float64 holds exactly
+SCENE_KINDS = slice(len(world.COLOURS) + len(world.SHAPES), len(SCENE_PRESENT))  # the kinds among SCENE_PRESENT
 SCENE_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}  # split -> the world's splits
 
 
 def scene_targets(objects) -> np.ndarray:
-    """(len(SCENE_ATTRIBUTES),) float32 multi-hot: each kind present, and the one total count."""
+    """(len(SCENE_ATTRIBUTES),) float32 multi-hot: each colour, shape and kind present, and the total count."""
     target = np.zeros(len(SCENE_ATTRIBUTES), dtype=np.float32)
     for obj in objects:
-        target[SCENE_KINDS.index(f"{obj['colour']} {obj['shape']}")] = 1.0
-    target[len(SCENE_KINDS) + len(objects) - 1] = 1.0
+        for name in (obj["colour"], obj["shape"], f"{obj['colour']} {obj['shape']}"):
+            target[SCENE_PRESENT.index(name)] = 1.0
+    target[len(SCENE_PRESENT) + len(objects) - 1] = 1.0
     return target
 
 
@@ -66,18 +69,28 @@ class SceneAttributesDataset(Dataset):
 
 
 class SceneAttributesModel(TaskModel):
-    """The encoder's image stream, pooled, and one logit per attribute: binary cross-entropy on each."""
+    """The encoder's image stream, pooled, and one logit per attribute: binary cross-entropy on each presence,
+    cross-entropy over the counts (a picture has one)."""
 
     def __init__(self, encoder, num_attributes):
         super().__init__(encoder, num_attributes, unimodal=True)
 
     def forward(self, batch):
-        logits = self.logits(batch).float()  # (B, A)
-        exact = ((logits > 0) == (batch["targets"] > 0.5)).all(-1)  # (B,) every attribute right
-        return {"loss": F.binary_cross_entropy_with_logits(logits, batch["targets"]), "acc": exact.float().mean()}
+        logits, targets = self.logits(batch).float(), batch["targets"]  # (B, A) each
+        present, count = len(SCENE_PRESENT), targets[:, len(SCENE_PRESENT):].argmax(-1)  # (B,)
+        loss = F.binary_cross_entropy_with_logits(logits[:, :present], targets[:, :present]) + \
+            F.cross_entropy(logits[:, present:], count)
+        exact = (self._decide(logits) == (targets > 0.5)).all(-1)  # (B,) every attribute right
+        return {"loss": loss, "acc": exact.float().mean()}
+
+    @staticmethod
+    def _decide(logits):  # (B, A) logits -> (B, A) bool: presences above 0, the count of the largest logit
+        present = len(SCENE_PRESENT)
+        count = F.one_hot(logits[:, present:].argmax(-1), logits.shape[-1] - present).bool()
+        return torch.cat([logits[:, :present] > 0, count], dim=-1)
 
     def predict(self, batch):  # -> (B,) the predicted attribute set as a bitmask: bit k = attribute k
-        bits = (self.logits(batch) > 0).long()  # (B, A)
+        bits = self._decide(self.logits(batch)).long()  # (B, A)
         return (bits << torch.arange(bits.shape[-1], device=bits.device)).sum(-1)
 
 
@@ -108,15 +121,15 @@ class SceneAttributesTask(Task):
 
     def score(self, preds, dataset, split):
         """scenes_acc: pictures with every attribute right; scenes_kind_f1: F1 of the kinds present, over every
-        (picture, kind); scenes_count_acc: pictures whose total count is the one predicted, alone."""
+        (picture, kind); scenes_count_acc: pictures whose total count is predicted right."""
         predicted = decode_predictions(preds, len(SCENE_ATTRIBUTES))
         truth = dataset.targets[:len(preds)].astype(np.int64)
-        kinds = len(SCENE_KINDS)
-        hits = int((predicted[:, :kinds] & truth[:, :kinds]).sum())
-        claimed, present = int(predicted[:, :kinds].sum()), int(truth[:, :kinds].sum())
+        hits = int((predicted[:, SCENE_KINDS] & truth[:, SCENE_KINDS]).sum())
+        claimed, present = int(predicted[:, SCENE_KINDS].sum()), int(truth[:, SCENE_KINDS].sum())
+        counts = len(SCENE_PRESENT)
         return {"scenes_acc": float((predicted == truth).all(-1).mean()),
                 "scenes_kind_f1": 2 * hits / (claimed + present) if claimed + present else 0.0,
-                "scenes_count_acc": float((predicted[:, kinds:] == truth[:, kinds:]).all(-1).mean())}
+                "scenes_count_acc": float((predicted[:, counts:] == truth[:, counts:]).all(-1).mean())}
 
     def write_predictions(self, preds, dataset, label_names, path_stem):
         path = path_stem.with_suffix(".json")

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import ConcatDataset
 
@@ -29,8 +30,7 @@ from tasks.nlvr2 import NLVR2Dataset, nlvr2_consistency, nlvr2_sentence_key
 from tasks.refcoco import BoxScoringHead, RefCOCODataset
 from tasks.retrieval import (RetrievalModel, RetrievalSplit, load_retrieval_split, retrieval_recall, retrieval_scores,
                              sample_negative_images)
-from tasks.scenes import (SCENE_ATTRIBUTES, SCENE_COUNTS, SCENE_KINDS, SceneAttributesModel,
-                          decode_predictions)
+from tasks.scenes import SCENE_ATTRIBUTES, SCENE_COUNTS, SCENE_KINDS, SceneAttributesModel, decode_predictions
 from tasks.snli_ve import SNLIVEDataset
 from tasks.synthetic import SYNTHETIC_FLICKR_ID, SYNTHETIC_MARKER
 from tasks.vqa import (VQADataset, build_answer_vocab, heldout_split_by_image, normalize_answer, read_vqa_annotations,
@@ -986,7 +986,8 @@ def test_scene_attributes_targets_predictions_and_scores(synthetic_root):
     item = train[0]
     objects = train.scenes[0]["objects"]
     named = {SCENE_ATTRIBUTES[k] for k in np.flatnonzero(item["target"].numpy())}
-    assert named == {f"{o['colour']} {o['shape']}" for o in objects} | {SCENE_COUNTS[len(objects) - 1]}
+    assert named == {f"{o['colour']} {o['shape']}" for o in objects} | {o["colour"] for o in objects} | \
+        {o["shape"] for o in objects} | {SCENE_COUNTS[len(objects) - 1]}
     assert item["image"].shape == (3, 32, 32)
     test = task.eval_dataset(synthetic_cfg(synthetic_root), "test", to_tensor)
     truth = test.targets.astype(np.int64)
@@ -994,26 +995,34 @@ def test_scene_attributes_targets_predictions_and_scores(synthetic_root):
     assert (decode_predictions(as_bits, truth.shape[1]) == truth).all()
     assert task.score(as_bits, test, "test") == {"scenes_acc": 1.0, "scenes_kind_f1": 1.0, "scenes_count_acc": 1.0}
     one_kind_missed = truth.copy()
-    one_kind_missed[0, np.flatnonzero(truth[0, :len(SCENE_KINDS)])[0]] = 0
+    one_kind_missed[0, SCENE_KINDS.start + np.flatnonzero(truth[0, SCENE_KINDS])[0]] = 0
     scores = task.score((one_kind_missed << np.arange(truth.shape[1])).sum(1).astype(np.float64), test, "test")
-    present = truth[:, :len(SCENE_KINDS)].sum()
+    present = truth[:, SCENE_KINDS].sum()
     assert scores["scenes_acc"] == 1 - 1 / len(test) and scores["scenes_count_acc"] == 1.0
     assert scores["scenes_kind_f1"] == pytest.approx(2 * (present - 1) / (2 * present - 1))
     with pytest.raises(ValueError, match="task=scenes reads a synthetic world"):
         task.train_dataset(synthetic_cfg(synthetic_root, synthetic_task=False), to_tensor)
 
 
-def test_scene_attributes_model_predicts_the_bitmask_of_positive_logits():
+def test_scene_attributes_model_predicts_presences_and_one_count():
+    """Presences are the positive logits, the count the largest of the count logits; the bitmask carries both."""
     encoder = build_encoder(tiny_config(), vocab_size=40)
     model = SceneAttributesModel(encoder, len(SCENE_ATTRIBUTES)).eval()
-    batch = {"pixel_values": torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8),
-             "targets": torch.zeros(3, len(SCENE_ATTRIBUTES))}
+    counts = len(SCENE_ATTRIBUTES) - len(SCENE_COUNTS)
+    targets = torch.zeros(3, len(SCENE_ATTRIBUTES))
+    targets[:, counts + 1] = 1.0
+    batch = {"pixel_values": torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8), "targets": targets}
     with torch.no_grad():
-        positive = (model.logits(batch) > 0).numpy().astype(np.int64)
+        logits = model.logits(batch)
         bits = decode_predictions(model.predict(batch).double().numpy(), len(SCENE_ATTRIBUTES))
         out = model(batch)
-    assert (bits == positive).all()
-    assert out["acc"].item() == float((positive == 0).all(1).mean())
+    assert (bits[:, :counts] == (logits[:, :counts] > 0).numpy()).all()
+    assert (bits[:, counts:].sum(1) == 1).all()
+    assert (bits[:, counts:].argmax(1) == logits[:, counts:].argmax(1).numpy()).all()
+    assert out["acc"].item() == float((bits == targets.numpy()).all(1).mean())
+    expected = F.binary_cross_entropy_with_logits(logits[:, :counts], targets[:, :counts]) + \
+        F.cross_entropy(logits[:, counts:], torch.full((3,), 1))
+    assert torch.allclose(out["loss"], expected)
 
 
 def every_statement():
