@@ -793,7 +793,8 @@ def test_synthetic_nlvr2_balanced_sentences_and_png_traps(synthetic_root):
     jpeg_bytes = sum(p.read_bytes()[:2] == b"\xff\xd8" for p in pngs)
     assert 0 < jpeg_bytes < len(pngs) and all(p.parent.name.isdigit() for p in pngs)
     item = train[0]
-    assert item["image0"].shape == (3, 32, 32) and item["text"].startswith(("in the left image ", "in the right image "))
+    assert item["image0"].shape == (3, 32, 32)
+    assert item["text"].startswith(("in the left image ", "in the right image "))
     words = set(synthetic_tokenizer().vocab)
     assert all(w in words for i in range(len(train)) for w in train.sentences[i].split())
 
