@@ -10,5 +10,6 @@ out_dir = "out/synthetic_vision_tower"
 batch_size = 32
 max_steps = 200
 warmup_steps = 20
+lr = 1e-3
 eval_interval = 100
 ckpt_interval = 100
