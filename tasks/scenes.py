@@ -70,7 +70,8 @@ class SceneAttributesDataset(Dataset):
 
 class SceneAttributesModel(TaskModel):
     """The encoder's image stream, pooled, and one logit per attribute: binary cross-entropy on each presence,
-    cross-entropy over the counts (a picture has one)."""
+    summed over a picture's presences (a mean over 48 of them would leave them a 48th of the count's weight),
+    plus cross-entropy over the counts (a picture has one)."""
 
     def __init__(self, encoder, num_attributes):
         super().__init__(encoder, num_attributes, unimodal=True)
@@ -78,8 +79,8 @@ class SceneAttributesModel(TaskModel):
     def forward(self, batch):
         logits, targets = self.logits(batch).float(), batch["targets"]  # (B, A) each
         present, count = len(SCENE_PRESENT), targets[:, len(SCENE_PRESENT):].argmax(-1)  # (B,)
-        loss = F.binary_cross_entropy_with_logits(logits[:, :present], targets[:, :present]) + \
-            F.cross_entropy(logits[:, present:], count)
+        presences = F.binary_cross_entropy_with_logits(logits[:, :present], targets[:, :present], reduction="none")
+        loss = presences.sum(-1).mean() + F.cross_entropy(logits[:, present:], count)  # per picture, then mean
         exact = (self._decide(logits) == (targets > 0.5)).all(-1)  # (B,) every attribute right
         return {"loss": loss, "acc": exact.float().mean()}
 

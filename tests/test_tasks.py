@@ -1021,7 +1021,7 @@ def test_scene_attributes_model_predicts_presences_and_one_count():
     assert (bits[:, counts:].sum(1) == 1).all()
     assert (bits[:, counts:].argmax(1) == logits[:, counts:].argmax(1).numpy()).all()
     assert out["acc"].item() == float((bits == targets.numpy()).all(1).mean())
-    expected = F.binary_cross_entropy_with_logits(logits[:, :counts], targets[:, :counts]) + \
+    expected = F.binary_cross_entropy_with_logits(logits[:, :counts], targets[:, :counts]) * counts + \
         F.cross_entropy(logits[:, counts:], torch.full((3,), 1))
     assert torch.allclose(out["loss"], expected)
 
