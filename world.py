@@ -196,7 +196,8 @@ def scene_summary(objects):
 # checks against a scene's objects. A statement's one-attribute variants (one_attribute_variants) change exactly
 # one of its colour, shape, size, position, count or relation: those a scene makes false are the hard negatives
 # of the downstream tasks, false captions worded like the true ones, so that only the picture tells them apart.
-#   {"type": "object", "colour", "shape", "size": None or a size, "where": None or a POSITIONS phrase}
+#   {"type": "object", "colour", "shape": None (any) or a shape, "size": None or a size, "where": None or a POSITIONS
+#    phrase}
 #   {"type": "count", "colour": None or a colour, "shape": None or a shape, "count": 1-5}   (exactly that many)
 #   {"type": "relation", "a": {"colour", "shape"}, "relation": RELATIONS or SIZE_RELATIONS, "b": {"colour", "shape"}}
 
@@ -207,7 +208,7 @@ def statement_text(statement):
     if statement["type"] == "object":
         size = f"{statement['size']} " if statement["size"] else ""
         where = f" {statement['where']}" if statement["where"] else ""
-        return f"there is a {size}{statement['colour']} {statement['shape']}{where}"
+        return f"there is a {size}{statement['colour']} {statement['shape'] or 'object'}{where}"
     if statement["type"] == "count":
         count, colour, shape = statement["count"], statement["colour"], statement["shape"]
         noun = (shape if count == 1 else SHAPES[shape]) if shape else ("object" if count == 1 else "objects")

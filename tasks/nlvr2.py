@@ -161,6 +161,8 @@ class NLVR2Task(Task):
         return path
 
 
+NLVR2_COLOUR_FRACTION = 0.5  # sets saying only that a colour is present: a small model grounds colours long before
+#                              shapes, counts and relations, so a short fine-tuning run learns these first
 NLVR2_CANDIDATES = 40  # pictures drawn per set, among which its four pairs are chosen
 NLVR2_HELDOUT_SETS_PER_PICTURE = 4  # dev and test1 have few pictures: more sets of them keep accuracy precise
 
@@ -191,7 +193,8 @@ def _nlvr2_pairs(rng, scenes, statement, image_size):
 def generate_synthetic_nlvr2(out: Path, world_root: Path, rng) -> None:
     """NLVR2 from the world's pictures: train from its train + restval scenes (one set per picture), dev from
     val, test1 from test (NLVR2_HELDOUT_SETS_PER_PICTURE sets per picture).
-    A set is one statement true of a picture, about an object, a count or a relation (world.sample_statement),
+    A set is one statement true of a picture: in NLVR2_COLOUR_FRACTION of the sets that a colour is present
+    ("there is a red object"), in the others about an object, a count or a relation (world.sample_statement),
     and four image pairs covering every combination of which side it is true of, the other pictures near
     misses where the world has them (_nlvr2_pairs); its two sentences say it of the left / the right image,
     so each sentence is true for exactly two of its pairs and the text alone tells nothing. Images are the
@@ -203,7 +206,12 @@ def generate_synthetic_nlvr2(out: Path, world_root: Path, rng) -> None:
         members = [s for s in scenes if s["split"] in world_splits]
         records, set_id = [], 0
         while set_id < max(4, len(members) * (1 if split == "train" else NLVR2_HELDOUT_SETS_PER_PICTURE)):
-            statement = world.sample_statement(_pick(rng, members)["objects"], image_size, rng)
+            objects = _pick(rng, members)["objects"]
+            if rng.random() < NLVR2_COLOUR_FRACTION:
+                statement = {"type": "object", "colour": _pick(rng, objects)["colour"], "shape": None, "size": None,
+                             "where": None}
+            else:
+                statement = world.sample_statement(objects, image_size, rng)
             phrase = world.statement_text(statement)
             pairs = _nlvr2_pairs(rng, members, statement, image_size)
             if pairs is None:

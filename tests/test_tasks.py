@@ -1029,7 +1029,8 @@ def test_scene_attributes_model_predicts_presences_and_one_count():
 def every_statement():
     """{text: statement} over every statement the world's templates can make (about 11,000)."""
     kinds = [(c, s) for c in world.COLOURS for s in SHAPES]
-    found = [{"type": "object", "colour": c, "shape": s, "size": size, "where": where} for c, s in kinds
+    found = [{"type": "object", "colour": c, "shape": s, "size": size, "where": where}
+             for c, s in kinds + [(c, None) for c in world.COLOURS]
              for size in (None, *world.SIZES) for where in (None, *world.POSITIONS)]
     found += [{"type": "count", "colour": c, "shape": s, "count": n} for c in (None, *world.COLOURS)
               for s in (None, *SHAPES) for n in world.NUMBER_WORDS]
