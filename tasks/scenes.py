@@ -100,11 +100,18 @@ def decode_predictions(preds: np.ndarray, num_attributes: int) -> np.ndarray:
     return (preds.astype(np.int64)[:, None] >> np.arange(num_attributes)) & 1
 
 
+def _f1(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """F1 of 0/1 arrays of one shape, over every entry (0 when neither has a 1)."""
+    hits, claimed, present = int((predicted & truth).sum()), int(predicted.sum()), int(truth.sum())
+    return 2 * hits / (claimed + present) if claimed + present else 0.0
+
+
 class SceneAttributesTask(Task):
     inputs = "image"
 
     def __init__(self):
-        super().__init__("scenes", "", ("scenes_acc", "scenes_kind_f1", "scenes_count_acc"), ("train",), "val",
+        super().__init__("scenes", "", ("scenes_acc", "scenes_present_f1", "scenes_kind_f1",
+                                   "scenes_count_acc"), ("train",), "val",
                          ("test",))
 
     def dataset(self, cfg, split, transform, label_names=None):
@@ -121,15 +128,15 @@ class SceneAttributesTask(Task):
         return SceneAttributesModel(encoder, len(label_names))
 
     def score(self, preds, dataset, split):
-        """scenes_acc: pictures with every attribute right; scenes_kind_f1: F1 of the kinds present, over every
-        (picture, kind); scenes_count_acc: pictures whose total count is predicted right."""
+        """scenes_acc: pictures with every attribute right; scenes_present_f1 and scenes_kind_f1: F1 of the colours,
+        shapes and kinds present, and of the kinds alone, over every (picture, attribute); scenes_count_acc:
+        pictures whose total count is predicted right."""
         predicted = decode_predictions(preds, len(SCENE_ATTRIBUTES))
         truth = dataset.targets[:len(preds)].astype(np.int64)
-        hits = int((predicted[:, SCENE_KINDS] & truth[:, SCENE_KINDS]).sum())
-        claimed, present = int(predicted[:, SCENE_KINDS].sum()), int(truth[:, SCENE_KINDS].sum())
         counts = len(SCENE_PRESENT)
         return {"scenes_acc": float((predicted == truth).all(-1).mean()),
-                "scenes_kind_f1": 2 * hits / (claimed + present) if claimed + present else 0.0,
+                "scenes_present_f1": _f1(predicted[:, :counts], truth[:, :counts]),
+                "scenes_kind_f1": _f1(predicted[:, SCENE_KINDS], truth[:, SCENE_KINDS]),
                 "scenes_count_acc": float((predicted[:, counts:] == truth[:, counts:]).all(-1).mean())}
 
     def write_predictions(self, preds, dataset, label_names, path_stem):

@@ -994,13 +994,16 @@ def test_scene_attributes_targets_predictions_and_scores(synthetic_root):
     truth = test.targets.astype(np.int64)
     as_bits = (truth << np.arange(truth.shape[1])).sum(1).astype(np.float64)  # as predict_items returns them
     assert (decode_predictions(as_bits, truth.shape[1]) == truth).all()
-    assert task.score(as_bits, test, "test") == {"scenes_acc": 1.0, "scenes_kind_f1": 1.0, "scenes_count_acc": 1.0}
+    assert task.score(as_bits, test, "test") == {"scenes_acc": 1.0, "scenes_present_f1": 1.0, "scenes_kind_f1": 1.0,
+                                                 "scenes_count_acc": 1.0}
     one_kind_missed = truth.copy()
     one_kind_missed[0, SCENE_KINDS.start + np.flatnonzero(truth[0, SCENE_KINDS])[0]] = 0
     scores = task.score((one_kind_missed << np.arange(truth.shape[1])).sum(1).astype(np.float64), test, "test")
     present = truth[:, SCENE_KINDS].sum()
     assert scores["scenes_acc"] == 1 - 1 / len(test) and scores["scenes_count_acc"] == 1.0
     assert scores["scenes_kind_f1"] == pytest.approx(2 * (present - 1) / (2 * present - 1))
+    all_present = truth[:, :SCENE_KINDS.stop].sum()
+    assert scores["scenes_present_f1"] == pytest.approx(2 * (all_present - 1) / (2 * all_present - 1))
     with pytest.raises(ValueError, match="task=scenes reads a synthetic world"):
         task.train_dataset(synthetic_cfg(synthetic_root, synthetic_task=False), to_tensor)
 
