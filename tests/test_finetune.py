@@ -121,7 +121,7 @@ def test_refcoco_learns(learned, data_root):
 def test_retrieval_learns(learned):
     val = learned["coco_retrieval"][1]  # 15 val images, 75 captions: chance at R@1 is 1/15, at R@5 1/3
     # (world version 2, with distractors and partial captions, measured 0.2 / 0.2 / 0.8 here)
-    assert val["coco_ir_r1"] >= 0.18 and val["coco_tr_r1"] >= 0.18 and val["coco_ir_r5"] >= 0.6
+    assert val["coco_ir_r1"] >= 0.18 and val["coco_tr_r1"] >= 0.2 and val["coco_ir_r5"] >= 0.6
 
 
 def test_vqa_learns(learned, data_root):
