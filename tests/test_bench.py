@@ -305,7 +305,7 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):
     config.write_text("".join(f"{key} = {value!r}\n" for key, value in TINY.items()))
     report = bench.main([str(config), "--data=random", "--steps=2", "--warmup=0", "--peak_tflops=1",
                          "--variants=none,vision+shared+ckpt+cache", f"--json={tmp_path / 'bench.json'}",
-                         "--micro_batch_size=4", "--batch_size=4"])
+                         "--micro_batch_size=4", "--batch_size=4", "--profile=1", "--cross_dropout=0.1"])
     assert json.loads((tmp_path / "bench.json").read_text())["variants"] == report["variants"]
     none, lean = report["variants"]
     assert lean["trainable_params"] < none["trainable_params"] == none["total_params"]
@@ -317,6 +317,48 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):
         assert row["samples_per_sec"] > 0 and row["mfu"] > 0 and row["peak_memory_bytes"] > 0
     printed = capsys.readouterr().out
     assert "GFLOP/sample" in printed and "vision+shared+ckpt+cache" in printed
+    # --profile: every bucket of every variant, shares summing to the whole, each phase where it belongs
+    assert "where the time goes" in printed and "normalisation" in printed
+    for row in report["variants"]:
+        profile = row["profile"]
+        assert set(profile["share"]) == set(bench.PROFILE_COLUMNS) and profile["steps"] == 1
+        assert sum(profile["share"].values()) == pytest.approx(1.0)
+        for bucket in ("data", "optimizer", "matmul", "attention", "normalisation", "elementwise", "dropout"):
+            assert profile["ms_per_step"][bucket] > 0, (row["variant"], bucket)
+
+
+@pytest.mark.parametrize("name, bucket", [
+    ("aten::mm", "matmul"), ("aten::addmm", "matmul"), ("aten::convolution_backward", "matmul"),
+    ("autograd::engine::evaluate_function: AddmmBackward0", "matmul"), ("aten::summary", "elementwise"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"), ("aten::_softmax", "attention"),
+    ("aten::_log_softmax", "elementwise"), ("autograd::engine::evaluate_function: LogSoftmaxBackward0", None),
+    ("aten::native_layer_norm_backward", "normalisation"), ("aten::gelu", "elementwise"),
+    ("aten::native_dropout", "dropout"), ("aten::random_", "dropout"), (bench.PHASE_DATA, "data"),
+    (bench.PHASE_OPTIMIZER, "optimizer"), (bench.PHASE_MODEL, None)])
+def test_profile_puts_known_ops_in_their_bucket(name, bucket):
+    assert bench.op_bucket(name) == bucket
+
+
+def test_profile_charges_an_op_to_the_first_bucket_around_it():
+    def chain(*names):  # outermost first, as the profiler nests events
+        event = None
+        for name in names:
+            event = SimpleNamespace(name=name, cpu_parent=event)
+        return event
+
+    model = bench.PHASE_MODEL
+    assert bench.event_bucket(chain(model, "aten::dropout", "aten::mul")) == "dropout"
+    assert bench.event_bucket(chain(model, "autograd::engine::evaluate_function: AddmmBackward0",
+                                    "aten::sum")) == "matmul"
+    assert bench.event_bucket(chain(bench.PHASE_OPTIMIZER, "Optimizer.step#AdamW.step", "aten::_foreach_mul_")) \
+        == "optimizer"
+    assert bench.event_bucket(chain(model, "aten::linear", "aten::t")) == "matmul"
+    assert bench.event_bucket(chain(model)) == "other"
+    events = [SimpleNamespace(name="aten::mm", cpu_parent=None, self_cpu_time_total=3000.0,
+                              self_device_time_total=0),
+              SimpleNamespace(name=model, cpu_parent=None, self_cpu_time_total=1000.0, self_device_time_total=0)]
+    shares = bench.time_shares(events, steps=2)
+    assert shares["ms_per_step"]["matmul"] == 1.5 and shares["share"]["other"] == 0.25
 
 
 def test_decode_rate_times_one_workers_items(tmp_path):
