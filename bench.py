@@ -10,7 +10,8 @@ text tower's own tokenizer nothing at all is downloaded. Bench options:
   --variants=a,b,...    what to measure, each a freezing variant, config (as configured), none, text, vision or
                         both, optionally followed by modifiers: +shared / +separate (pretrain_pass), +ckpt
                         (gradient checkpointing), +compile (torch.compile), +cache (the frozen vision feature
-                        cache, in vision_feature_cache with --data=loader; a variant without +cache reads images)
+                        cache, in vision_feature_cache with --data=loader; a variant without +cache reads images);
+                        empty (--variants=) with --decode_images: only the decoding is timed
   --steps=N, --warmup=N timed steps (medians are reported) after untimed warm-up steps
   --data=loader|random  loader: the config's corpora through the training DataLoader, so the data time is real;
                         random: in-memory batches of captions exactly max_text_len tokens long (no padding) and
@@ -512,7 +513,9 @@ def main(argv):
     if dist.is_ddp:
         raise ValueError("bench.py measures one process: run it with python, not torchrun")
     engine.autocast_context(dist.device, cfg.dtype)  # refuses float16 on CPU before any work
-    variants = args.variants.split(",")
+    variants = [v for v in args.variants.split(",") if v]  # none: --decode_images alone
+    if not variants and args.decode_images <= 0:
+        raise ConfigError("--variants is empty and --decode_images is not set: nothing to measure")
     for variant in variants:
         variant_config(cfg, variant)  # an unknown variant fails now, not after the others ran
 

@@ -18,7 +18,7 @@ import bench
 import data
 import engine
 import pretrain
-from config import Config
+from config import Config, ConfigError
 from encoders import Attention, Embedded, attention_with_dropout, build_encoder, dropout
 from model import PretrainModel, apply_freezing, build_pretrain_model, enable_gradient_checkpointing
 from tiny import TINY, tiny_config
@@ -371,6 +371,15 @@ def test_decode_rate_times_one_workers_items(tmp_path):
                                "__getitem__": lambda self, i: opened.append(i) or train_set[i]})()
     assert bench.decode_rate(timed, 5) > 0 and opened == [0, 0, 1, 2, 3, 4]  # one untimed warm-up item
     assert train_set[0]["image"].dtype == torch.uint8
+    # bench.py with no variant times the decoding alone; with neither, there is nothing to measure
+    config = tmp_path / "decode.py"
+    config.write_text("".join(f"{key} = {value!r}\n" for key, value in TINY.items()))
+    common = [str(config), f"--data_root={tmp_path / 'data'}", "--corpora=synthetic", "--synthetic_images=8",
+              "--synthetic_image_size=32", "--peak_tflops=1", f"--json={tmp_path / 'decode.json'}", "--variants="]
+    report = bench.main(common + ["--decode_images=4"])
+    assert report["variants"] == [] and report["decode_images_per_sec_per_worker"] > 0
+    with pytest.raises(ConfigError, match="nothing to measure"):
+        bench.main(common)
 
 
 def test_compiled_model_with_a_frozen_tower_matches_eager():
