@@ -249,6 +249,26 @@ def device_peak(device, dtype, peak_tflops):
     return measure_gemm_peak(device, dtype), f"measured {dtype} GEMM"
 
 
+# CPU flags of a native bfloat16 matmul: AVX-512 BF16 (dot products) and AMX (tile multiply), as Linux lists them
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+NO_NATIVE_BF16_NOTE = ("note: this CPU has no native bfloat16 matmul (neither avx512_bf16 nor amx_bf16 among its "
+                       "flags): bfloat16 autocast runs slower than float32 here; README, Performance, gives bfloat16 "
+                       "figures from a CPU that has it")
+
+
+def cpu_native_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU multiplies bfloat16 natively (one of NATIVE_BF16_FLAGS among the flags lscpu shows),
+    or None where the flags cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
 def reset_peak_memory(device):
     """Start a new peak-memory window; False where the platform cannot (CPU outside Linux)."""
     gc.collect()
@@ -535,11 +555,14 @@ def main(argv):
           f"dtype {cfg.dtype} | micro batch {cfg.micro_batch_size} | image {cfg.image_size} | text "
           f"{cfg.max_text_len} tokens | data {args.data} | {args.warmup} warm-up + {args.steps} timed steps (medians)\n"
           f"peak {peak_flops / 1e9:.1f} GFLOP/s ({peak_source}) | load average {load_start[0]:.2f}")
+    native_bf16 = cpu_native_bf16() if dist.device.type == "cpu" else None
+    if native_bf16 is False and cfg.dtype == "bfloat16":
+        print(NO_NATIVE_BF16_NOTE)
     if dist.device.type == "cpu" and cfg.dtype != "float32" and args.peak_tflops <= 0:
         fp32 = measure_gemm_peak(dist.device, "float32")
         if fp32 > peak_flops:
             print(f"note: this CPU multiplies {cfg.dtype} matrices {fp32 / peak_flops:.0f}x slower than float32 "
-                  f"({fp32 / 1e9:.1f} GFLOP/s): it has no native {cfg.dtype} matmul, so autocast slows training down")
+                  f"({fp32 / 1e9:.1f} GFLOP/s), so autocast slows training down")
     decode = None
     if args.decode_images > 0:
         train_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg, train=True))[0]
@@ -564,6 +587,7 @@ def main(argv):
               "max_text_len": cfg.max_text_len, "data": args.data,
               "warmup": args.warmup, "steps": args.steps, "peak_flops": peak_flops, "peak_source": peak_source,
               "load_average": [load_start[0], load_end[0]], "decode_images_per_sec_per_worker": decode,
+              "cpu_native_bf16": native_bf16,
               "config": dataclasses.asdict(cfg), "variants": rows}
     path = args.json or os.path.join(cfg.out_dir, "bench.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

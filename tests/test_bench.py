@@ -275,6 +275,29 @@ def test_gpu_peak_table_takes_the_most_specific_name(monkeypatch, name, peak):
     assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16") is None
 
 
+@pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True),
+                                           ("fpu amx_bf16 amx_tile", True), (None, None)])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n" + (f"flags\t\t: {flags}\n" if flags else ""))
+    assert bench.cpu_native_bf16(str(cpuinfo)) is native
+    assert bench.cpu_native_bf16(str(tmp_path / "absent")) is None
+
+
+@pytest.mark.parametrize("native, dtype, said", [(False, "bfloat16", True), (True, "bfloat16", False),
+                                                  (False, "float32", False)])
+def test_bf16_on_a_cpu_without_it_is_said(tmp_path, capsys, monkeypatch, native, dtype, said):
+    monkeypatch.setattr(bench, "cpu_native_bf16", lambda: native)
+    monkeypatch.setattr(bench, "measure_gemm_peak", lambda device, dtype: 1e9)
+    config = tmp_path / "tiny.py"
+    config.write_text("".join(f"{key} = {value!r}\n" for key, value in TINY.items()))
+    report = bench.main([str(config), f"--dtype={dtype}", "--variants=", "--decode_images=1",
+                         f"--data_root={tmp_path / 'data'}", "--corpora=synthetic", "--synthetic_images=8",
+                         "--synthetic_image_size=32", f"--json={tmp_path / 'bench.json'}"])
+    assert (bench.NO_NATIVE_BF16_NOTE in capsys.readouterr().out) is said
+    assert report["cpu_native_bf16"] is native
+
+
 def test_random_init_towers_builds_the_hub_models_exact_dimensions():
     cfg = Config(random_init_towers=True)  # the paper's towers: ELECTRA-Small and DeiT-Tiny, by hub name
     encoder = build_encoder(cfg, 1000)  # no hub access: the tests run with HF_HUB_OFFLINE=1
