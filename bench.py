@@ -10,7 +10,8 @@ text tower's own tokenizer nothing at all is downloaded. Bench options:
   --variants=a,b,...    what to measure, each a freezing variant, config (as configured), none, text, vision or
                         both, optionally followed by modifiers: +shared / +separate (pretrain_pass), +ckpt
                         (gradient checkpointing), +compile (torch.compile), +cache (the frozen vision feature
-                        cache, in vision_feature_cache with --data=loader; a variant without +cache reads images)
+                        cache, in vision_feature_cache with --data=loader; a variant without +cache reads images);
+                        empty (--variants=) with --decode_images: only the decoding is timed
   --steps=N, --warmup=N timed steps (medians are reported) after untimed warm-up steps
   --data=loader|random  loader: the config's corpora through the training DataLoader, so the data time is real;
                         random: in-memory batches of captions exactly max_text_len tokens long (no padding) and
@@ -20,6 +21,9 @@ text tower's own tokenizer nothing at all is downloaded. Bench options:
                         per process the loader can feed at most that many times as much
   --peak_tflops=X       the device's peak for MFU (default: the table of dense GPU peaks; on CPU a GEMM in the
                         run's dtype measured at start)
+  --profile[=N]         after the timed steps, profile N more (default 2) with torch.profiler and print each
+                        variant's time shares: matmul, attention, normalisation, elementwise, dropout, optimizer,
+                        data, other (PROFILE_BUCKETS says which op goes where); the JSON has them per variant in ms
   --json=PATH           where the JSON goes (default: out_dir/bench.json)
 
 One step is one micro-batch (micro_batch_size samples) forward and backward, then the optimizer step as
@@ -39,6 +43,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -244,6 +249,26 @@ def device_peak(device, dtype, peak_tflops):
     return measure_gemm_peak(device, dtype), f"measured {dtype} GEMM"
 
 
+# CPU flags of a native bfloat16 matmul: AVX-512 BF16 (dot products) and AMX (tile multiply), as Linux lists them
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+NO_NATIVE_BF16_NOTE = ("note: this CPU has no native bfloat16 matmul (neither avx512_bf16 nor amx_bf16 among its "
+                       "flags): bfloat16 autocast runs slower than float32 here; README, Performance, gives bfloat16 "
+                       "figures from a CPU that has it")
+
+
+def cpu_native_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU multiplies bfloat16 natively (one of NATIVE_BF16_FLAGS among the flags lscpu shows),
+    or None where the flags cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
 def reset_peak_memory(device):
     """Start a new peak-memory window; False where the platform cannot (CPU outside Linux)."""
     gc.collect()
@@ -289,6 +314,75 @@ def decode_rate(dataset, count):
 
 
 # -----------------------------------------------------------------------------
+# Where the time goes (--profile)
+
+# Each timed step runs in three profiler ranges; ops inside the data and optimizer ranges are charged to them.
+PHASE_DATA, PHASE_MODEL, PHASE_OPTIMIZER = "bench::data", "bench::forward_backward", "bench::optimizer"
+# Forward and backward ops are charged to a bucket by name: the op's own, or that of an enclosing op or autograd
+# node (a mul inside aten::dropout is dropout; the bias-gradient sum of AddmmBackward0 is matmul). Where several
+# enclosing names match, the first bucket in this order wins. A pattern must match the whole name, lower-case,
+# without the "autograd::engine::evaluate_function: " of backward nodes.
+PROFILE_BUCKETS = {
+    "data": PHASE_DATA,  # masking and collation (random data), or waiting for the loader, and the transfer
+    "optimizer": PHASE_OPTIMIZER,  # clipping, the finiteness check, AdamW, zero_grad
+    "dropout": r".*(dropout|bernoulli|random_|keepandscale).*",  # F.dropout and model.dropout's masks
+    "attention": r".*(scaled_?dot_?product|attention|(?<!log)(?<!log_)softmax).*",  # SDPA, written-out attention
+    "normalisation": r".*(layer_?norm|group_?norm|batch_?norm).*",
+    "matmul": r"(aten::)?(mm|addmm|bmm|baddbmm|matmul|linear|addmv|mv|conv2d|_?convolution|mkldnn_convolution"
+              r"|convolution_backward)(backward\d*)?",  # the patch embedding is a convolution
+    "elementwise": r"aten::.*",  # every other op: activations, adds, copies, reductions, indexing, the loss
+}
+# "other": time in no op: Python and framework overhead between ops, and anything outside the three ranges.
+PROFILE_COLUMNS = [*PROFILE_BUCKETS, "other"]
+_BUCKET_PATTERNS = {bucket: re.compile(pattern) for bucket, pattern in PROFILE_BUCKETS.items()}
+
+
+def profiler_activities(device):
+    return [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def op_bucket(name):
+    """The bucket a profiler event's name alone puts it in (the first of PROFILE_BUCKETS that matches), or None."""
+    bare = name.lower().removeprefix("autograd::engine::evaluate_function: ")
+    return next((bucket for bucket, pattern in _BUCKET_PATTERNS.items() if pattern.fullmatch(bare)), None)
+
+
+def event_bucket(event):
+    """The bucket of a profiler event: the first in PROFILE_BUCKETS' order among those of its name and its
+    enclosing events' names; "other" for framework time outside any op (the model range's own time)."""
+    found = set()
+    while event is not None:
+        found.add(op_bucket(event.name))
+        event = event.cpu_parent
+    return next((bucket for bucket in PROFILE_BUCKETS if bucket in found), "other")
+
+
+def time_shares(events, steps):
+    """{"ms_per_step": {bucket: ms}, "share": {bucket: fraction}, "steps": steps} from a profile of `steps` steps:
+    each event's self time (its own, without its children's; on a GPU the time of the kernels it launched) in
+    its bucket, so every microsecond counts once."""
+    use_device = any(getattr(e, "self_device_time_total", 0) > 0 for e in events)
+    totals = dict.fromkeys(PROFILE_COLUMNS, 0.0)
+    for event in events:
+        seconds = event.self_device_time_total if use_device else event.self_cpu_time_total
+        totals[event_bucket(event)] += seconds / 1e3  # microseconds -> ms
+    whole = sum(totals.values()) or 1.0
+    return {"ms_per_step": {b: t / steps for b, t in totals.items()},
+            "share": {b: t / whole for b, t in totals.items()}, "steps": steps}
+
+
+def format_profile(rows):
+    header = f"{'share of step time':<22} " + " ".join(f"{b:>13}" for b in PROFILE_COLUMNS)
+    lines = [header]
+    for r in rows:
+        if r.get("profile"):
+            shares = r["profile"]["share"]
+            lines.append(f"{r['variant']:<22} " + " ".join(f"{100 * shares[b]:>12.1f}%" for b in PROFILE_COLUMNS))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # One variant
 
 def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, args):
@@ -327,22 +421,36 @@ def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, arg
     saved = saved_activation_bytes(model, first, autocast)
     samples = len(first["itm_labels"])
 
+    def train_step(step):
+        """One step, each phase in a profiler range (no cost while no profiler runs); (data s, compute s)."""
+        start = time.perf_counter()
+        with torch.profiler.record_function(PHASE_DATA):
+            batch = prepare_batch(next(batches), "bench", step)  # loading (or waiting for workers), masking, transfer
+            synchronize(device)
+        loaded = time.perf_counter()
+        with torch.profiler.record_function(PHASE_MODEL):
+            with autocast:
+                loss = step_model(batch)["loss"]
+            loss.backward()
+        with torch.profiler.record_function(PHASE_OPTIMIZER):
+            engine.optimizer_step(optimizer, scaler, params, cfg.grad_clip, loss.detach().float(), step)
+            synchronize(device)
+        return loaded - start, time.perf_counter() - loaded
+
     data_seconds, compute_seconds = [], []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             has_peak = reset_peak_memory(device)
-        start = time.perf_counter()
-        batch = prepare_batch(next(batches), "bench", step)  # loading (or waiting for workers), masking, transfer
-        synchronize(device)
-        loaded = time.perf_counter()
-        with autocast:
-            loss = step_model(batch)["loss"]
-        loss.backward()
-        engine.optimizer_step(optimizer, scaler, params, cfg.grad_clip, loss.detach().float(), step)
-        synchronize(device)
+        data_s, compute_s = train_step(step)
         if step >= args.warmup:
-            data_seconds.append(loaded - start)
-            compute_seconds.append(time.perf_counter() - loaded)
+            data_seconds.append(data_s)
+            compute_seconds.append(compute_s)
+    profile = None
+    if args.profile:
+        with torch.profiler.profile(activities=profiler_activities(device)) as profiler:
+            for step in range(args.warmup + args.steps, args.warmup + args.steps + args.profile):
+                train_step(step)
+        profile = time_shares(profiler.events(), args.profile)
     step_seconds = statistics.median(d + c for d, c in zip(data_seconds, compute_seconds))
     samples_per_sec = samples / step_seconds
     trainable, total = parameter_summary(model)[-1][1:]
@@ -352,7 +460,7 @@ def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, arg
             "mfu": flops / samples * samples_per_sec / args.peak_flops,
             "data_ms": 1e3 * statistics.median(data_seconds), "compute_ms": 1e3 * statistics.median(compute_seconds),
             "peak_memory_bytes": peak_memory(device) if has_peak else None, "saved_activation_bytes": saved,
-            "step_seconds": [d + c for d, c in zip(data_seconds, compute_seconds)],
+            "step_seconds": [d + c for d, c in zip(data_seconds, compute_seconds)], "profile": profile,
             "load_average": os.getloadavg()[0]}  # other processes' work: the timings are only as good as it is low
 
 
@@ -393,11 +501,13 @@ def parse_args(argv):
     parser.add_argument("--data", choices=("loader", "random"), default="loader")
     parser.add_argument("--decode_images", type=int, default=0)
     parser.add_argument("--peak_tflops", type=float, default=0.0)
+    parser.add_argument("--profile", type=int, nargs="?", const=2, default=0)
     parser.add_argument("--json", default="")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # measure one variant, write its row
     args, rest = parser.parse_known_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        raise ConfigError(f"--steps={args.steps} must be at least 1 and --warmup={args.warmup} not negative")
+    if args.steps < 1 or args.warmup < 0 or args.profile < 0:
+        raise ConfigError(f"--steps={args.steps} must be at least 1, --warmup={args.warmup} and "
+                          f"--profile={args.profile} not negative")
     return args, rest
 
 
@@ -423,7 +533,9 @@ def main(argv):
     if dist.is_ddp:
         raise ValueError("bench.py measures one process: run it with python, not torchrun")
     engine.autocast_context(dist.device, cfg.dtype)  # refuses float16 on CPU before any work
-    variants = args.variants.split(",")
+    variants = [v for v in args.variants.split(",") if v]  # none: --decode_images alone
+    if not variants and args.decode_images <= 0:
+        raise ConfigError("--variants is empty and --decode_images is not set: nothing to measure")
     for variant in variants:
         variant_config(cfg, variant)  # an unknown variant fails now, not after the others ran
 
@@ -443,11 +555,14 @@ def main(argv):
           f"dtype {cfg.dtype} | micro batch {cfg.micro_batch_size} | image {cfg.image_size} | text "
           f"{cfg.max_text_len} tokens | data {args.data} | {args.warmup} warm-up + {args.steps} timed steps (medians)\n"
           f"peak {peak_flops / 1e9:.1f} GFLOP/s ({peak_source}) | load average {load_start[0]:.2f}")
+    native_bf16 = cpu_native_bf16() if dist.device.type == "cpu" else None
+    if native_bf16 is False and cfg.dtype == "bfloat16":
+        print(NO_NATIVE_BF16_NOTE)
     if dist.device.type == "cpu" and cfg.dtype != "float32" and args.peak_tflops <= 0:
         fp32 = measure_gemm_peak(dist.device, "float32")
         if fp32 > peak_flops:
             print(f"note: this CPU multiplies {cfg.dtype} matrices {fp32 / peak_flops:.0f}x slower than float32 "
-                  f"({fp32 / 1e9:.1f} GFLOP/s): it has no native {cfg.dtype} matmul, so autocast slows training down")
+                  f"({fp32 / 1e9:.1f} GFLOP/s), so autocast slows training down")
     decode = None
     if args.decode_images > 0:
         train_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg, train=True))[0]
@@ -462,6 +577,9 @@ def main(argv):
             rows.append(run_child(variant, argv, peak_flops, os.path.join(tmp, f"{i}.json")))
             table = format_table(rows[-1:]).splitlines()
             print("\n".join(table if i == 0 else table[1:]), flush=True)
+    if args.profile:
+        print(f"\nwhere the time goes ({args.profile} profiled steps after the timed ones; bench.PROFILE_BUCKETS)\n"
+              + format_profile(rows))
     load_end = os.getloadavg()
     print(f"load average at the end {load_end[0]:.2f}")
     report = {"command": command, "machine": machine_description(dist.device), "dtype": cfg.dtype,
@@ -469,6 +587,7 @@ def main(argv):
               "max_text_len": cfg.max_text_len, "data": args.data,
               "warmup": args.warmup, "steps": args.steps, "peak_flops": peak_flops, "peak_source": peak_source,
               "load_average": [load_start[0], load_end[0]], "decode_images_per_sec_per_worker": decode,
+              "cpu_native_bf16": native_bf16,
               "config": dataclasses.asdict(cfg), "variants": rows}
     path = args.json or os.path.join(cfg.out_dir, "bench.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -157,11 +157,36 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
+    def qkv_weights(self):  # (3D, D) and (3D,): q's rows, then k's and v's, for one product giving all three
+        return torch.cat([self.q.weight, self.kv.weight]), torch.cat([self.q.bias, self.kv.bias])
+
+    def split_heads(self, x, parts):  # (B, N, parts * D) -> `parts` tensors (B, h, N, d)
+        B, N, _ = x.shape
+        return x.view(B, N, parts, self.heads, -1).permute(2, 0, 3, 1, 4)
+
     def forward(self, x, context, context_mask):
         B, T, D = x.shape
-        S = context.shape[1]
-        q = self.q(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, h, T, d)
-        k, v = self.kv(context).view(B, S, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, S, d)
+        if x is context:  # self-attention over every row: one product for q, k and v instead of two
+            q, k, v = self.split_heads(F.linear(x, *self.qkv_weights()), 3)
+        else:
+            q, = self.split_heads(self.q(x), 1)
+            k, v = self.split_heads(self.kv(context), 2)
+        y = self.attend(q, k, v, context_mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+    def co_attend(self, both, T, first_mask, second_mask):
+        """Both directions of co-attention with these weights, on the two streams side by side: both (B, T+S, D)
+        holds the first stream's T rows, then the second's S. Each stream's rows attend to the other's; the
+        result is (B, T+S, D), as [self(first, second, second_mask), self(second, first, first_mask)] along the
+        rows, with one product for every q, k and v and one output projection instead of six products."""
+        B, N, D = both.shape
+        qkv = F.linear(both, *self.qkv_weights())  # (B, T+S, 3D)
+        q1, k1, v1 = self.split_heads(qkv[:, :T], 3)
+        q2, k2, v2 = self.split_heads(qkv[:, T:], 3)
+        y = torch.cat([self.attend(q1, k2, v2, second_mask), self.attend(q2, k1, v1, first_mask)], 2)
+        return self.out(y.transpose(1, 2).reshape(B, N, D))
+
+    def attend(self, q, k, v, context_mask):  # q (B, h, T, d), k and v (B, h, S, d) -> (B, h, T, d)
         attn_mask = None if context_mask is None else context_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         dropout_p = self.dropout if self.training else 0.0
         if dropout_p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -169,12 +194,9 @@ class Attention(nn.Module):
             # their mask for backward; they are recomputed there instead (same RNG state, so the same mask), as
             # the fused GPU kernels do: a few percent more FLOPs for about a fifth less activation memory.
             if torch.is_grad_enabled():
-                y = checkpoint(attention_with_dropout, q, k, v, attn_mask, dropout_p, use_reentrant=False)
-            else:
-                y = attention_with_dropout(q, k, v, attn_mask, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+                return checkpoint(attention_with_dropout, q, k, v, attn_mask, dropout_p, use_reentrant=False)
+            return attention_with_dropout(q, k, v, attn_mask, dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 class CrossModalBlock(nn.Module):
@@ -252,12 +274,14 @@ class LxmertCrossModalLayer(nn.Module):
         self.text = LxmertStream(dim, heads, mlp_ratio, dropout)
         self.image = LxmertStream(dim, heads, mlp_ratio, dropout)
 
-    def attend_across(self, x, other, other_mask):  # (B, T, D) attends to (B, S, D) -> (B, T, D)
-        return self.norm_cross(x + self.drop(self.cross_attn(x, other, other_mask)))
-
     def forward(self, t, t_mask, v, v_mask, cls_only=()):
-        # every row goes through cross-attention (self-attention reads them all); cls_only trims after it
-        t_cross, v_cross = self.attend_across(t, v, v_mask), self.attend_across(v, t, t_mask)
+        # every row goes through cross-attention (self-attention reads them all); cls_only trims after it.
+        # The two directions share every weight, so they run on both streams side by side (B, T+S, D): one
+        # product for q, k and v, one output projection, one dropout, residual and norm, instead of two of each.
+        T = t.shape[1]
+        both = torch.cat([t, v], 1)
+        crossed = self.norm_cross(both + self.drop(self.cross_attn.co_attend(both, T, t_mask, v_mask)))
+        t_cross, v_cross = crossed[:, :T], crossed[:, T:]
         return (self.text(t_cross, t_mask, cls_only="text" in cls_only),
                 self.image(v_cross, v_mask, cls_only="image" in cls_only))
 

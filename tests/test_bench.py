@@ -18,7 +18,7 @@ import bench
 import data
 import engine
 import pretrain
-from config import Config
+from config import Config, ConfigError
 from encoders import Attention, Embedded, attention_with_dropout, build_encoder, dropout
 from model import PretrainModel, apply_freezing, build_pretrain_model, enable_gradient_checkpointing
 from tiny import TINY, tiny_config
@@ -275,6 +275,29 @@ def test_gpu_peak_table_takes_the_most_specific_name(monkeypatch, name, peak):
     assert bench.gpu_peak_from_table(torch.device("cuda"), "bfloat16") is None
 
 
+@pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True),
+                                           ("fpu amx_bf16 amx_tile", True), (None, None)])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n" + (f"flags\t\t: {flags}\n" if flags else ""))
+    assert bench.cpu_native_bf16(str(cpuinfo)) is native
+    assert bench.cpu_native_bf16(str(tmp_path / "absent")) is None
+
+
+@pytest.mark.parametrize("native, dtype, said", [(False, "bfloat16", True), (True, "bfloat16", False),
+                                                  (False, "float32", False)])
+def test_bf16_on_a_cpu_without_it_is_said(tmp_path, capsys, monkeypatch, native, dtype, said):
+    monkeypatch.setattr(bench, "cpu_native_bf16", lambda: native)
+    monkeypatch.setattr(bench, "measure_gemm_peak", lambda device, dtype: 1e9)
+    config = tmp_path / "tiny.py"
+    config.write_text("".join(f"{key} = {value!r}\n" for key, value in TINY.items()))
+    report = bench.main([str(config), f"--dtype={dtype}", "--variants=", "--decode_images=1",
+                         f"--data_root={tmp_path / 'data'}", "--corpora=synthetic", "--synthetic_images=8",
+                         "--synthetic_image_size=32", f"--json={tmp_path / 'bench.json'}"])
+    assert (bench.NO_NATIVE_BF16_NOTE in capsys.readouterr().out) is said
+    assert report["cpu_native_bf16"] is native
+
+
 def test_random_init_towers_builds_the_hub_models_exact_dimensions():
     cfg = Config(random_init_towers=True)  # the paper's towers: ELECTRA-Small and DeiT-Tiny, by hub name
     encoder = build_encoder(cfg, 1000)  # no hub access: the tests run with HF_HUB_OFFLINE=1
@@ -307,7 +330,7 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):
     config.write_text("".join(f"{key} = {value!r}\n" for key, value in TINY.items()))
     report = bench.main([str(config), "--data=random", "--steps=2", "--warmup=0", "--peak_tflops=1",
                          "--variants=none,vision+shared+ckpt+cache", f"--json={tmp_path / 'bench.json'}",
-                         "--micro_batch_size=4", "--batch_size=4"])
+                         "--micro_batch_size=4", "--batch_size=4", "--profile=1", "--cross_dropout=0.1"])
     assert json.loads((tmp_path / "bench.json").read_text())["variants"] == report["variants"]
     none, lean = report["variants"]
     assert lean["trainable_params"] < none["trainable_params"] == none["total_params"]
@@ -319,6 +342,48 @@ def test_bench_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):
         assert row["samples_per_sec"] > 0 and row["mfu"] > 0 and row["peak_memory_bytes"] > 0
     printed = capsys.readouterr().out
     assert "GFLOP/sample" in printed and "vision+shared+ckpt+cache" in printed
+    # --profile: every bucket of every variant, shares summing to the whole, each phase where it belongs
+    assert "where the time goes" in printed and "normalisation" in printed
+    for row in report["variants"]:
+        profile = row["profile"]
+        assert set(profile["share"]) == set(bench.PROFILE_COLUMNS) and profile["steps"] == 1
+        assert sum(profile["share"].values()) == pytest.approx(1.0)
+        for bucket in ("data", "optimizer", "matmul", "attention", "normalisation", "elementwise", "dropout"):
+            assert profile["ms_per_step"][bucket] > 0, (row["variant"], bucket)
+
+
+@pytest.mark.parametrize("name, bucket", [
+    ("aten::mm", "matmul"), ("aten::addmm", "matmul"), ("aten::convolution_backward", "matmul"),
+    ("autograd::engine::evaluate_function: AddmmBackward0", "matmul"), ("aten::summary", "elementwise"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"), ("aten::_softmax", "attention"),
+    ("aten::_log_softmax", "elementwise"), ("autograd::engine::evaluate_function: LogSoftmaxBackward0", None),
+    ("aten::native_layer_norm_backward", "normalisation"), ("aten::gelu", "elementwise"),
+    ("aten::native_dropout", "dropout"), ("aten::random_", "dropout"), (bench.PHASE_DATA, "data"),
+    (bench.PHASE_OPTIMIZER, "optimizer"), (bench.PHASE_MODEL, None)])
+def test_profile_puts_known_ops_in_their_bucket(name, bucket):
+    assert bench.op_bucket(name) == bucket
+
+
+def test_profile_charges_an_op_to_the_first_bucket_around_it():
+    def chain(*names):  # outermost first, as the profiler nests events
+        event = None
+        for name in names:
+            event = SimpleNamespace(name=name, cpu_parent=event)
+        return event
+
+    model = bench.PHASE_MODEL
+    assert bench.event_bucket(chain(model, "aten::dropout", "aten::mul")) == "dropout"
+    assert bench.event_bucket(chain(model, "autograd::engine::evaluate_function: AddmmBackward0",
+                                    "aten::sum")) == "matmul"
+    assert bench.event_bucket(chain(bench.PHASE_OPTIMIZER, "Optimizer.step#AdamW.step", "aten::_foreach_mul_")) \
+        == "optimizer"
+    assert bench.event_bucket(chain(model, "aten::linear", "aten::t")) == "matmul"
+    assert bench.event_bucket(chain(model)) == "other"
+    events = [SimpleNamespace(name="aten::mm", cpu_parent=None, self_cpu_time_total=3000.0,
+                              self_device_time_total=0),
+              SimpleNamespace(name=model, cpu_parent=None, self_cpu_time_total=1000.0, self_device_time_total=0)]
+    shares = bench.time_shares(events, steps=2)
+    assert shares["ms_per_step"]["matmul"] == 1.5 and shares["share"]["other"] == 0.25
 
 
 def test_decode_rate_times_one_workers_items(tmp_path):
@@ -329,6 +394,15 @@ def test_decode_rate_times_one_workers_items(tmp_path):
                                "__getitem__": lambda self, i: opened.append(i) or train_set[i]})()
     assert bench.decode_rate(timed, 5) > 0 and opened == [0, 0, 1, 2, 3, 4]  # one untimed warm-up item
     assert train_set[0]["image"].dtype == torch.uint8
+    # bench.py with no variant times the decoding alone; with neither, there is nothing to measure
+    config = tmp_path / "decode.py"
+    config.write_text("".join(f"{key} = {value!r}\n" for key, value in TINY.items()))
+    common = [str(config), f"--data_root={tmp_path / 'data'}", "--corpora=synthetic", "--synthetic_images=8",
+              "--synthetic_image_size=32", "--peak_tflops=1", f"--json={tmp_path / 'decode.json'}", "--variants="]
+    report = bench.main(common + ["--decode_images=4"])
+    assert report["variants"] == [] and report["decode_images_per_sec_per_worker"] > 0
+    with pytest.raises(ConfigError, match="nothing to measure"):
+        bench.main(common)
 
 
 def test_compiled_model_with_a_frozen_tower_matches_eager():

@@ -174,6 +174,38 @@ def test_optimizer_groups_decay_frozen_and_lr_scale():
     assert [g["lr"] for g in optimizer.param_groups] == [0.01, 0.01, 0.01, 0.05, 0.05]
 
 
+def test_fused_optimizer_on_cpu_steps_as_the_per_tensor_loop():
+    """build_optimizer's fused AdamW (one kernel a tensor, on CPU too) moves every parameter as torch's plain
+    per-tensor AdamW with the same groups, lr scales, weight decay and schedule does."""
+    models = [Grouped(), Grouped()]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = Config(weight_decay=0.05, lr=1e-2)
+    fused = engine.build_optimizer(models[0], cfg, {"head": 5.0}, verbose=False)
+    assert fused.defaults["fused"]
+    twin = dict(models[1].named_parameters())
+    loop = torch.optim.AdamW([{"params": [twin[n] for n in names], "weight_decay": g["weight_decay"],
+                               "lr_scale": g["lr_scale"]}
+                              for g, names in zip(fused.param_groups, group_names(models[0], fused))],
+                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+    assert not loop.defaults["fused"]
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x = torch.randn(3, 4, generator=g)
+        for model, optimizer in zip(models, (fused, loop)):
+            engine.set_lr(optimizer, cfg.lr * (step + 1) / 4)
+            model.head(model.cross(model.tower(x))).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(models[0].head.weight, Grouped().head.weight)
+
+
+def group_names(model, optimizer):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
 def test_optimizer_refuses_ungrouped_shared_or_nothing_trainable():
     model = Grouped()
     model.module_groups = lambda: {"cross": model.cross}
