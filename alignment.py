@@ -2,7 +2,7 @@
 parameters, its biases, or bottleneck adapters added after the attention and MLP sublayers of every layer, in
 any combination and together with text_trainable_top / vision_trainable_top.
 
-Keys: text_align / vision_align (lists of ALIGN_KINDS) and adapter_reduction. model.build_encoder adds the
+Keys: text_align / vision_align (lists of ALIGN_KINDS) and adapter_reduction. encoders.build_encoder adds the
 adapters; model.apply_freezing, after freezing, lets the chosen parameters train again. This module imports no
 other module of the project.
 """

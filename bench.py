@@ -51,12 +51,14 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import data
 import engine
 import pretrain
-from model import HUB_TOWERS, apply_freezing, build_pretrain_model, enable_gradient_checkpointing, parameter_summary
+from config import ConfigError, load_config, main_guard
+from model import apply_freezing, build_pretrain_model, enable_gradient_checkpointing, parameter_summary
+from towers import HUB_TOWERS
 
 # -----------------------------------------------------------------------------
 # Random batches without a tokenizer
 
-# Every text model of model.HUB_TOWERS uses BERT's uncased WordPiece vocabulary: its size and special tokens
+# Every text model of towers.HUB_TOWERS uses BERT's uncased WordPiece vocabulary: its size and special tokens
 # ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103).
 PAPER_TOKENIZER_INFO = data.TokenizerInfo(mask_token_id=103, vocab_size=30522, special_ids=(0, 100, 101, 102, 103))
 
@@ -383,7 +385,7 @@ def format_table(rows):
 
 
 def parse_args(argv):
-    """(bench options, the rest: CONFIG.py and --key=value overrides for engine.load_config)."""
+    """(bench options, the rest: CONFIG.py and --key=value overrides for config.load_config)."""
     parser = argparse.ArgumentParser(prog="bench.py", description="see the module docstring")
     parser.add_argument("--variants", default="config")
     parser.add_argument("--steps", type=int, default=10)
@@ -395,7 +397,7 @@ def parse_args(argv):
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # measure one variant, write its row
     args, rest = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
-        raise engine.ConfigError(f"--steps={args.steps} must be at least 1 and --warmup={args.warmup} not negative")
+        raise ConfigError(f"--steps={args.steps} must be at least 1 and --warmup={args.warmup} not negative")
     return args, rest
 
 
@@ -416,7 +418,7 @@ def run_child(variant, argv, peak_flops, json_path):
 
 def main(argv):
     args, config_argv = parse_args(argv)
-    cfg = engine.load_config(config_argv)
+    cfg = load_config(config_argv)
     dist = engine.setup_distributed(cfg)
     if dist.is_ddp:
         raise ValueError("bench.py measures one process: run it with python, not torchrun")
@@ -478,4 +480,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    engine.main_guard(lambda: main(sys.argv[1:]))
+    main_guard(lambda: main(sys.argv[1:]))

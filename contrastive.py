@@ -2,15 +2,15 @@
 with its cross-process feature gather, and ITC as an extra loss of the two-tower model (ALBEF).
 
   DualEncoder               text tower + vision tower, each pooled and projected into one space of embed_dim,
-                            L2-normalised; no fusion layers. Joins model.py's EncoderOutput contract.
+                            L2-normalised; no fusion layers. Joins encoders.py's EncoderOutput contract.
   ContrastiveLoss           symmetric InfoNCE with a learnable temperature (CLIP's initialisation and clamp),
                             each process scoring its rows against the features of the whole global batch
   DualEncoderPretrainModel  a dual encoder + ITC (pretrain.py with model_type="dual_encoder")
   ITCHead                   ITC on the two-tower model's projected tower outputs before fusion, and ITM
                             negatives drawn by ITC similarity over the global batch (itm_hard_negatives)
 
-Import graph: this module builds on model.py (towers, the output contract); model.py imports it lazily, inside
-build_encoder and build_pretrain_model, so the graph stays one-way at import time.
+Import graph: this module builds on encoders.py (the output contract) and model.py (PretrainModel); those two
+import it lazily, inside build_encoder and build_pretrain_model, so the graph stays one-way at import time.
 """
 
 import math
@@ -20,8 +20,9 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (Embedded, EncoderOutput, FreezableModel, PixelNormalize, PretrainModel, TwoTowerEncoder,
-                   requires_grad)
+from encoders import Embedded, EncoderOutput, PixelNormalize, TwoTowerEncoder
+from model import FreezableModel, PretrainModel
+from towers import requires_grad
 
 POOLINGS = ("cls", "mean")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP: temperature 0.07 at the start

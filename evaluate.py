@@ -31,7 +31,8 @@ import data
 import engine
 import tasks
 import zeroshot
-from model import build_encoder
+from config import KEY_TYPES, command_line_overrides, load_config, main_guard
+from encoders import build_encoder
 from tasks.common import format_malformed_rows, malformed_rows
 
 
@@ -44,18 +45,18 @@ def run_config(run_dir, overrides):
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
     saved = json.loads(path.read_text())
     args = [f"--{key}={value}" if isinstance(value, str) else f"--{key}={value!r}" for key, value in saved.items()
-            if key in engine.KEY_TYPES]  # a key that this version no longer has is skipped
+            if key in KEY_TYPES]  # a key that this version no longer has is skipped
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    micro_batch_size = engine.command_line_overrides(overrides).get("micro_batch_size", saved["micro_batch_size"])
+    micro_batch_size = command_line_overrides(overrides).get("micro_batch_size", saved["micro_batch_size"])
     fixed = [f"--out_dir={run_dir}", f"--batch_size={micro_batch_size * world_size}"]
-    return engine.load_config(args + list(overrides) + fixed)
+    return load_config(args + list(overrides) + fixed)
 
 
 def target_config(target, overrides):
     """The config of a run directory, or of the run a config file's out_dir names; a zero-shot config file stands
     for itself (it scores its init_from, so no run of its own exists yet)."""
     if target.endswith(".py"):
-        cfg = engine.load_config([target] + overrides)
+        cfg = load_config([target] + overrides)
         return cfg if cfg.zero_shot else run_config(cfg.out_dir, overrides)
     return run_config(target, overrides)
 
@@ -156,4 +157,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    engine.main_guard(lambda: main(sys.argv[1:]))
+    main_guard(lambda: main(sys.argv[1:]))

@@ -32,7 +32,9 @@ from transformers import CLIPImageProcessor, ViTImageProcessor
 
 import data
 import engine
-from model import EXPORT_CONFIG, EXPORT_WEIGHTS, build_run_model, hf_towers
+from config import Config, KEY_TYPES, main_guard
+from encoders import hf_towers
+from model import EXPORT_CONFIG, EXPORT_WEIGHTS, build_run_model
 
 USAGE = "usage: export.py RUN_DIR|CHECKPOINT --out DIR"
 
@@ -73,7 +75,7 @@ def image_processor(cfg):
 def load_run(checkpoint):
     """(model with the checkpoint's weights, its config, tokenizer, labels or None, step)."""
     ckpt = engine.read_checkpoint(checkpoint)
-    cfg = engine.Config(**{k: v for k, v in ckpt["config"].items() if k in engine.KEY_TYPES})
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in KEY_TYPES})
     tokenizer = data.build_tokenizer(cfg)
     labels = None
     if cfg.task:  # a fine-tuned run: what its head's outputs mean lies beside the checkpoint (finetune.py)
@@ -119,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    engine.main_guard(lambda: main(sys.argv[1:]))
+    main_guard(lambda: main(sys.argv[1:]))

@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=2 finetune.py configs/vqa.py --init_from=out/freeze_vision/ckpt_100000.pt
     python finetune.py configs/synthetic_nlvr2.py          (offline: the task's synthetic version)
 
-The config system and the training loop are pretraining's (engine.py). With init_from, the architecture keys
+The config system and the training loop are pretraining's (config.py, engine.py). With init_from, the architecture keys
 (engine.ARCHITECTURE_KEYS) come from the checkpoint's saved config, so one task config fine-tunes any pretrained
 model, and its weights load with a check that exactly the new head was missing and only the pretraining heads
 went unused; the image size may differ from pretraining (position embeddings are interpolated). Nothing is
@@ -23,12 +23,15 @@ import sys
 
 import torch
 
+import batching
 import data
 import engine
 import tasks
 from alignment import new_adapter_keys
-from model import (apply_freezing, build_encoder, enable_gradient_checkpointing, format_parameter_summary,
-                   load_checked, resize_position_embeddings)
+from config import command_line_overrides, load_config, main_guard
+from encoders import build_encoder
+from model import (apply_freezing, enable_gradient_checkpointing, format_parameter_summary, load_checked,
+                   resize_position_embeddings)
 from tasks.common import format_malformed_rows, malformed_rows, to_device, unused_modules
 
 PRETRAINING_HEADS = ("mlm_head.", "itm_head.", "itc_head.")  # in a pretraining checkpoint, unused by downstream models
@@ -50,7 +53,7 @@ def load_pretrained(model, task, state, source):
 
 
 def main(argv):
-    cfg = engine.load_config(argv)
+    cfg = load_config(argv)
     task = tasks.get_task(cfg.task)
     pretrained, source = None, None
     if cfg.init_from:
@@ -79,7 +82,7 @@ def main(argv):
         model.get_submodule(name).requires_grad_(False)
     model.frozen_modules += unused
     engine.require_trainable(model)
-    lr_scales = engine.lr_scales(cfg, model, engine.command_line_overrides(argv))
+    lr_scales = engine.lr_scales(cfg, model, command_line_overrides(argv))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.to(dist.device)
@@ -93,7 +96,7 @@ def main(argv):
         for line in format_malformed_rows(malformed):
             print(line)
 
-    loader = data.build_loader(train_set, cfg, dist.rank, dist.world_size, cfg.seed, task.train_collate(tokenizer, cfg))
+    loader = batching.build_loader(train_set, cfg, dist.rank, dist.world_size, cfg.seed, task.train_collate(tokenizer, cfg))
 
     def prepare_batch(batch, *key):  # per-step draws (retrieval negatives) seeded by the batch's place in the run
         return to_device(task.prepare(batch, engine.batch_generator(cfg.seed, *key), cfg), dist.device)
@@ -120,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    engine.main_guard(lambda: main(sys.argv[1:]))
+    main_guard(lambda: main(sys.argv[1:]))

@@ -25,7 +25,9 @@ import data
 import engine
 import evaluate
 import pretrain
-from model import Attention, apply_freezing, build_pretrain_model
+from config import Config, ConfigError, main_guard
+from encoders import Attention
+from model import apply_freezing, build_pretrain_model
 
 ROOT = Path(__file__).resolve().parent
 # A small two-tower model built offline (family towers at hand-set sizes), for the in-process checks.
@@ -65,7 +67,7 @@ def mean(values):
 
 def small_setup(device, dtype):
     """(cfg, model on `device`, a fixed batch prepared as pretraining prepares it)."""
-    cfg = engine.Config(**SMALL, dtype=dtype, device=str(device))
+    cfg = Config(**SMALL, dtype=dtype, device=str(device))
     tokenizer = data.synthetic_tokenizer()
     torch.manual_seed(0)
     model = build_pretrain_model(cfg, len(tokenizer))
@@ -261,7 +263,7 @@ def main(argv):
     only = [name for name in args.only.split(",") if name]
     unknown = [name for name in only if name not in names]
     if unknown:
-        raise engine.ConfigError(f"--only: unknown checks {unknown} (there are {', '.join(names)})")
+        raise ConfigError(f"--only: unknown checks {unknown} (there are {', '.join(names)})")
     if not torch.cuda.is_available():
         print("no GPU: torch.cuda.is_available() is False, so there is nothing to check here")
         return 0
@@ -280,4 +282,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(engine.main_guard(lambda: main(sys.argv[1:])))
+    sys.exit(main_guard(lambda: main(sys.argv[1:])))

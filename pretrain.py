@@ -17,8 +17,10 @@ import tempfile
 import torch
 import torch.distributed as tdist
 
+import batching
 import data
 import engine
+from config import command_line_overrides, load_config, main_guard
 from model import (PretrainModel, apply_freezing, build_pretrain_model, enable_gradient_checkpointing,
                    format_parameter_summary)
 
@@ -26,12 +28,12 @@ from model import (PretrainModel, apply_freezing, build_pretrain_model, enable_g
 def make_prepare_batch(cfg, tokenizer_info, device):
     def prepare_batch(batch, *key):
         g = engine.batch_generator(cfg.seed, *key)
-        mlm_input_ids, mlm_labels = data.mask_tokens(batch["input_ids"], batch["special_tokens_mask"],
+        mlm_input_ids, mlm_labels = batching.mask_tokens(batch["input_ids"], batch["special_tokens_mask"],
                                                      batch["word_ids"], tokenizer_info, cfg.mlm_prob,
                                                      cfg.whole_word_mask, g)
         batch = dict(batch, mlm_input_ids=mlm_input_ids, mlm_labels=mlm_labels)
-        if "image_ids" in batch:  # a text-only batch (data.TextCollator) has no pictures to pair
-            batch["itm_image_index"], batch["itm_labels"] = data.sample_itm_pairs(batch["image_ids"],
+        if "image_ids" in batch:  # a text-only batch (batching.TextCollator) has no pictures to pair
+            batch["itm_image_index"], batch["itm_labels"] = batching.sample_itm_pairs(batch["image_ids"],
                                                                                   cfg.itm_neg_prob, g)
             if cfg.itm_hard_negatives:  # where contrastive.draw_hard_negatives falls in each caption's distribution
                 batch["itm_negative_draw"] = torch.rand(len(batch["itm_labels"]), generator=g)
@@ -77,24 +79,24 @@ def build_data(cfg, dist, tokenizer, model):
     """(train set, held-out set or None, their loaders): what main trains on, and bench.py measures."""
     train_set, val_set = data.build_pretrain_datasets(cfg, data.build_transform(cfg, train=True),
                                                       data.build_transform(cfg, train=False))
-    collate = data.PretrainCollator(tokenizer, cfg.max_text_len, fixed_length=cfg.compile)
-    if cfg.vision_feature_cache:  # the frozen tower's output instead of pictures (data.py, section 12)
+    collate = batching.PretrainCollator(tokenizer, cfg.max_text_len, fixed_length=cfg.compile)
+    if cfg.vision_feature_cache:  # the frozen tower's output instead of pictures (batching.py, section 4)
         autocast = engine.autocast_context(dist.device, cfg.dtype)
-        train_set, val_set = (data.with_cached_vision_features(dataset, cfg, model.encoder, dist.device, autocast,
+        train_set, val_set = (batching.with_cached_vision_features(dataset, cfg, model.encoder, dist.device, autocast,
                                                                dist.local_rank) if dataset else None
                               for dataset in (train_set, val_set))
-        collate = data.CachedFeatureCollator(tokenizer, cfg.max_text_len, fixed_length=cfg.compile)
-    loader = data.build_loader(train_set, cfg, dist.rank, dist.world_size, cfg.seed, collate)
-    val_loader = data.build_loader(val_set, cfg, dist.rank, dist.world_size, cfg.seed, collate) if val_set else None
+        collate = batching.CachedFeatureCollator(tokenizer, cfg.max_text_len, fixed_length=cfg.compile)
+    loader = batching.build_loader(train_set, cfg, dist.rank, dist.world_size, cfg.seed, collate)
+    val_loader = batching.build_loader(val_set, cfg, dist.rank, dist.world_size, cfg.seed, collate) if val_set else None
     return train_set, val_set, loader, val_loader
 
 
 def build_scheduled_data(cfg, dist, tokenizer, model):
     """(training loader, held-out loader or None, a line saying what is trained on) under the image-introduction
-    schedule (data.ImageTextSchedule): the image-text loader of build_data when some step uses it, the text loader
-    over text_corpora when some step uses that, and a data.ScheduledLoader choosing between them step by step.
+    schedule (batching.ImageTextSchedule): the image-text loader of build_data when some step uses it, the text loader
+    over text_corpora when some step uses that, and a batching.ScheduledLoader choosing between them step by step.
     Without text-only steps this is build_data's loader, as before the schedule existed."""
-    schedule = data.ImageTextSchedule.from_config(cfg)
+    schedule = batching.ImageTextSchedule.from_config(cfg)
     loaders, val_loader, described = {}, None, []
     if schedule.uses_images:
         train_set, val_set, loaders["image_text"], val_loader = build_data(cfg, dist, tokenizer, model)
@@ -102,12 +104,12 @@ def build_scheduled_data(cfg, dist, tokenizer, model):
     if not schedule.uses_text:
         return loaders["image_text"], val_loader, described[0]
     text_set = data.build_text_corpora(cfg)
-    loaders["text"] = data.build_loader(text_set, cfg, dist.rank, dist.world_size, cfg.seed,
-                                        data.TextCollator(tokenizer, cfg.max_text_len))
+    loaders["text"] = batching.build_loader(text_set, cfg, dist.rank, dist.world_size, cfg.seed,
+                                        batching.TextCollator(tokenizer, cfg.max_text_len))
     described.append(f"text lines: {len(text_set)}; text-only until step {schedule.switch_step} of {cfg.max_steps}, "
                      f"then image-text for a share {cfg.image_text_share} of the steps")
     accum = cfg.batch_size // (cfg.micro_batch_size * dist.world_size)
-    return data.ScheduledLoader(loaders, schedule, accum), val_loader, "\n".join(described)
+    return batching.ScheduledLoader(loaders, schedule, accum), val_loader, "\n".join(described)
 
 
 def save_text_tower(model, tokenizer, directory):
@@ -128,7 +130,7 @@ def save_text_tower(model, tokenizer, directory):
 
 
 def main(argv):
-    cfg = engine.load_config(argv)
+    cfg = load_config(argv)
     dist = engine.setup_distributed(cfg)
     engine.autocast_context(dist.device, cfg.dtype)  # refuses float16 on CPU before any work
     tokenizer = data.build_tokenizer(cfg)
@@ -138,7 +140,7 @@ def main(argv):
     model = build_pretrain_model(cfg, len(tokenizer), towers)
     apply_freezing(model, cfg)  # freeze, then checkpointing, then (in engine.train) DDP and the optimizer
     engine.require_trainable(model)  # an all-frozen model is refused before any data is read or generated
-    lr_scales = engine.lr_scales(cfg, model, engine.command_line_overrides(argv))
+    lr_scales = engine.lr_scales(cfg, model, command_line_overrides(argv))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.to(dist.device)
@@ -157,7 +159,7 @@ def main(argv):
     # ones with a zero-weighted term would give them zero gradients instead, which AdamW does not skip: its
     # decoupled weight decay would shrink the vision tower through the text-only phase, and momentum would keep
     # moving it on text-only steps after the switch.
-    mixed = isinstance(loader, data.ScheduledLoader)
+    mixed = isinstance(loader, batching.ScheduledLoader)
     engine.train(cfg, dist, model, loader, prepare_batch, evaluate, extra_log=loader.pop_mix if mixed else None,
                  lr_scales=lr_scales, find_unused_parameters=mixed)
     if cfg.save_text_tower and dist.master:
@@ -166,4 +168,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    engine.main_guard(lambda: main(sys.argv[1:]))
+    main_guard(lambda: main(sys.argv[1:]))

@@ -26,8 +26,10 @@ import data
 import engine
 import tasks
 import tasks.retrieval
+import world
 from contrastive import DualEncoder, ITCHead
-from model import Embedded, build_pretrain_model
+from encoders import Embedded
+from model import build_pretrain_model
 from tasks.retrieval import RetrievalModel, RetrievalSplit
 
 # CLIP-style photo prompts for real pictures; "{}" is the class name
@@ -41,7 +43,7 @@ HEAD_KEYS = ("mlm_weight", "itm_weight", "itc_weight", "itm_hard_negatives", "pr
 
 def synthetic_prompts():
     """The synthetic world's captions name a shape with its colour ('a red circle'): one prompt per colour."""
-    return tuple(f"a {colour} {{}}" for colour in data.COLOURS)
+    return tuple(f"a {colour} {{}}" for colour in world.COLOURS)
 
 
 # -----------------------------------------------------------------------------

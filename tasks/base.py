@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
-import data
+import world
 from model import FreezableModel
 from tasks.common import Collator, Transform, check_images_exist, predict_items
 from tasks.synthetic import ensure_generated
@@ -48,10 +48,10 @@ class Task:
             if getattr(cfg, key):
                 raise ValueError(f"{key}={getattr(cfg, key)!r} names real data, but synthetic_task=True reads "
                                  f"{Path(cfg.data_root) / 'synthetic'}: unset {key}")
-        world = data.ensure_synthetic_world(cfg)
+        world_root = world.ensure_synthetic_world(cfg)
         for folder, generate in self.synthetic_parts():
-            ensure_generated(world, folder, generate, cfg.synthetic_seed)
-        return world
+            ensure_generated(world_root, folder, generate, cfg.synthetic_seed)
+        return world_root
 
     def folder_of(self, cfg, key="task_dir", name=None) -> Path:
         """cfg.<key> when set, else <root>/<name> (name defaults to the task's folder)."""

@@ -9,19 +9,19 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-import data
-from data import COLOURS, SHAPES, SIZES
+import world
 from tasks.base import Task
 from tasks.common import ClassifierModel, Transform, _field, _read_pickle
 from tasks.metrics import accuracy
 from tasks.synthetic import _pick, _world_scenes
+from world import COLOURS, SHAPES, SIZES
 
 # -----------------------------------------------------------------------------
 # CIFAR-10 (image only), python version
 
 
 class CIFAR10Dataset(Dataset):
-    """`cifar-10-batches-py/`: data_batch_1..5 (split "train") or test_batch ("test"), batches.meta for
+    """`cifar-10-batches-py/`: data_batch_1..5 (split "train") or test_batch ("test"), batching.meta for
     label_names. Python-2 pickles whose keys load as bytes or str: both accepted. `data` is uint8
     (N, 3072): R, G, B planes of 32x32, row-major. Item: {"image", "label"}."""
 
@@ -31,9 +31,9 @@ class CIFAR10Dataset(Dataset):
         if split not in names:
             raise ValueError(f"CIFAR-10 split must be train or test, got '{split}'")
         self.transform = transform
-        meta = self._read_batch(cifar_dir / "batches.meta")
+        meta = self._read_batch(cifar_dir / "batching.meta")
         self.label_names = [n.decode() if isinstance(n, bytes) else str(n)
-                            for n in _field(meta, "label_names", str(cifar_dir / "batches.meta"))]
+                            for n in _field(meta, "label_names", str(cifar_dir / "batching.meta"))]
         images, labels = [], []
         for name in names[split]:
             path = cifar_dir / name
@@ -76,7 +76,7 @@ class CIFAR10Dataset(Dataset):
 
 class CIFAR10Task(Task):
     """CIFAR-10, image only, through the vision side of either model type. The head has one output per
-    label name in batches.meta (ten for CIFAR-10; the synthetic shape set has six)."""
+    label name in batching.meta (ten for CIFAR-10; the synthetic shape set has six)."""
 
     inputs = "image"
 
@@ -90,7 +90,7 @@ class CIFAR10Task(Task):
         return CIFAR10Dataset(self.folder_of(cfg), split, transform)
 
     def label_names(self, cfg):
-        meta_path = self.folder_of(cfg) / "batches.meta"
+        meta_path = self.folder_of(cfg) / "batching.meta"
         return [n.decode() if isinstance(n, bytes) else str(n)
                 for n in _field(CIFAR10Dataset._read_batch(meta_path), "label_names", str(meta_path))]
 
@@ -107,12 +107,12 @@ class CIFAR10Task(Task):
         return path
 
 
-def generate_synthetic_cifar10(out: Path, world: Path, rng) -> None:
+def generate_synthetic_cifar10(out: Path, world_root: Path, rng) -> None:
     """A shape classification set in CIFAR-10's python layout: 32x32 pictures of one shape of any colour, size
-    and place, labelled by shape (six classes, named in batches.meta); five training batches and a test batch
+    and place, labelled by shape (six classes, named in batching.meta); five training batches and a test batch
     of synthetic_images / 4 pictures each (at least 20). The batches have bytes keys, as pickles re-saved
-    after loading with encoding="bytes" do, and batches.meta str keys: the reader must take both."""
-    scenes, _ = _world_scenes(world)
+    after loading with encoding="bytes" do, and batching.meta str keys: the reader must take both."""
+    scenes, _ = _world_scenes(world_root)
     per_batch = max(20, len(scenes) // 4)
     shapes, colours, sizes = list(SHAPES), list(COLOURS), list(SIZES)
     for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
@@ -122,11 +122,11 @@ def generate_synthetic_cifar10(out: Path, world: Path, rng) -> None:
             side = round(SIZES[size] * 32)
             x, y = (int(v) for v in rng.integers(0, 32 - side + 1, size=2))
             obj = {"shape": shapes[label], "colour": _pick(rng, colours), "size": size, "box": [x, y, side, side]}
-            pixels = np.asarray(data.render_scene([obj], 32))  # (32, 32, 3)
+            pixels = np.asarray(world.render_scene([obj], 32))  # (32, 32, 3)
             rows.append(pixels.transpose(2, 0, 1).reshape(-1))  # R, G, B planes, each row-major
             labels.append(label)
         batch = {b"batch_label": name.encode(), b"labels": labels, b"data": np.stack(rows).astype(np.uint8),
                  b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)]}
         (out / name).write_bytes(pickle.dumps(batch, protocol=2))
     meta = {"label_names": shapes, "num_cases_per_batch": per_batch, "num_vis": 3 * 32 * 32}
-    (out / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    (out / "batching.meta").write_bytes(pickle.dumps(meta, protocol=2))

@@ -19,7 +19,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import data
-from model import TaskModel, TwoTowerEncoder
+import files
+from encoders import TwoTowerEncoder
+from model import TaskModel
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -30,7 +32,7 @@ Transform = Callable[[Image.Image], torch.Tensor]
 def load_image(path, named_by: str) -> Image.Image:
     """data.open_image (format from the bytes, RGB), with the annotation that named the image in errors. Its
     errors stay data.ImageNotFoundError / data.BadImageError, so that a training loader skips, counts and logs
-    the item as pretraining does (data.ResumableLoader; strict_images stops instead)."""
+    the item as pretraining does (batching.ResumableLoader; strict_images stops instead)."""
     try:
         return data.open_image(path)
     except data.ImageNotFoundError:
@@ -59,7 +61,7 @@ def check_images_exist(dataset, what: str) -> None:
                                 f"(the first named by {named_by[missing[0]]})")
 
 
-_read_json = data._load_json  # one JSON reader for the project: errors name the file and line
+_read_json = files.load_json  # one JSON reader for the project: errors name the file and line
 
 
 def _read_jsonl(path: Path):
@@ -230,7 +232,7 @@ def predict_items(model, dataset, collate, cfg, dist, max_items=0, desc=None) ->
     shard = _Indexed(dataset, range(dist.rank, count, dist.world_size))
     loader = DataLoader(shard, batch_size=cfg.micro_batch_size, collate_fn=collate, num_workers=cfg.num_workers)
     indices, preds = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.float64)]
-    for batch in data.progress(loader, len(loader), desc, enabled=desc is not None):
+    for batch in files.progress(loader, len(loader), desc, enabled=desc is not None):
         batch = to_device(batch, dist.device)
         preds.append(model.predict(batch).double().cpu())
         indices.append(batch["index"].cpu())

@@ -12,14 +12,15 @@ import numpy as np
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-import data
-from data import COLOURS, SHAPES, StringArray
+import world
+from data import StringArray
 from model import TaskModel
 from tasks.base import Task
 from tasks.common import ClassifierModel, _label, in_float32
 from tasks.metrics import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
 from tasks.snli_ve import SNLIVEDataset
 from tasks.synthetic import _kind, _neutral_statement, _pick, _statement, _world_scenes, _write_lines
+from world import COLOURS, SHAPES
 
 # -----------------------------------------------------------------------------
 # GLUE (text only)
@@ -181,27 +182,27 @@ class GLUETask(Task):
 GLUE_SYNTHETIC_SIZES = {"train": 400, "dev": 100, "test": 50}
 
 
-def generate_synthetic_glue(out: Path, world: Path, rng) -> None:
+def generate_synthetic_glue(out: Path, world_root: Path, rng) -> None:
     """All nine GLUE tasks as TSV files in their real layouts (CoLA's train and dev without a header, MNLI's
     matched and mismatched dev and test files, a malformed row in QQP's train), over sentences about random
     scenes of the world's kind: acceptable vs. shuffled word order (CoLA), one object vs. several (SST-2),
     the same objects in another order vs. another scene (MRPC), the same question reworded (QQP), overlap of
     the objects described (STS-B, 0-5), entailment / neutral / contradiction (MNLI, RTE, WNLI), a sentence
     that answers the question or not (QNLI). Each example is a row keyed by the real files' column names."""
-    _, image_size = _world_scenes(world)
+    _, image_size = _world_scenes(world_root)
 
     def scene(at_least=1):
-        while len(objects := data.sample_scene(rng, image_size)) < at_least:
+        while len(objects := world.sample_scene(rng, image_size)) < at_least:
             pass
         return objects
 
     def listing(objects, reverse=False):  # 'two red circles and a blue star', in either order
-        phrases = [data.count_phrase(n, c, s) for (c, s), n in Counter(_kind(o) for o in objects).items()]
+        phrases = [world.count_phrase(n, c, s) for (c, s), n in Counter(_kind(o) for o in objects).items()]
         phrases = phrases[::-1] if reverse else phrases
         return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
     def placed(objects):  # mismatched MNLI premises: another register, every object with its size and place
-        return ", ".join(f"{data.noun_phrase(o, True)} {data.position_phrase(o, image_size)}" for o in objects)
+        return ", ".join(f"{world.noun_phrase(o, True)} {world.position_phrase(o, image_size)}" for o in objects)
 
     def nli(premise_of=listing):
         objects, label = scene(), _pick(rng, list(SNLIVEDataset.LABELS))
@@ -210,7 +211,7 @@ def generate_synthetic_glue(out: Path, world: Path, rng) -> None:
         return {"sentence1": premise_of(objects), "sentence2": hypothesis, "label": label}
 
     def cola():
-        words = _pick(rng, data.describe_scene(scene(), image_size, rng)).split()
+        words = _pick(rng, world.describe_scene(scene(), image_size, rng)).split()
         shuffled = [words[i] for i in rng.permutation(len(words))]
         bad = rng.random() < 0.5 and shuffled != words
         return {"source": "syn", "label": int(not bad), "mark": "*" if bad else "",
@@ -253,8 +254,8 @@ def generate_synthetic_glue(out: Path, world: Path, rng) -> None:
         obj = _pick(rng, scene())
         others = [o for o in scene() if o["shape"] != obj["shape"]]
         answers = rng.random() < 0.5 or not others
-        sentence = f"{data.noun_phrase(obj)} {data.position_phrase(obj, image_size)}" if answers else \
-            data.noun_phrase(_pick(rng, others))
+        sentence = f"{world.noun_phrase(obj)} {world.position_phrase(obj, image_size)}" if answers else \
+            world.noun_phrase(_pick(rng, others))
         return {"question": f"what colour is the {obj['shape']} ?", "sentence": sentence,
                 "label": "entailment" if answers else "not_entailment"}
 

@@ -175,7 +175,7 @@ NLVR2_KIND_FRACTION = 0.2  # the rest name a colour only: a small model grounds 
 NLVR2_HELDOUT_SETS_PER_PICTURE = 4  # dev and test1 have few pictures: more sets of them keep accuracy precise
 
 
-def generate_synthetic_nlvr2(out: Path, world: Path, rng) -> None:
+def generate_synthetic_nlvr2(out: Path, world_root: Path, rng) -> None:
     """NLVR2 from the world's pictures: train from its train + restval scenes (one set per picture), dev from
     val, test1 from test (NLVR2_HELDOUT_SETS_PER_PICTURE sets per picture).
     A set is one property of a picture, a colour ("a red object") or, in NLVR2_KIND_FRACTION of the sets, a
@@ -183,7 +183,7 @@ def generate_synthetic_nlvr2(out: Path, world: Path, rng) -> None:
     its two sentences say the left / the right image has it, so each sentence is true for exactly two of its
     pairs and the text alone tells nothing. Images are the world's JPEG bytes, half of them
     re-encoded as real PNG: a reader that trusts the extension fails on the other half, as on the real files."""
-    scenes, _ = _world_scenes(world)
+    scenes, _ = _world_scenes(world_root)
     groups = {"train": ("train", "restval"), "dev": ("val",), "test1": ("test",)}
     for split, world_splits in groups.items():
         members = [s for s in scenes if s["split"] in world_splits]
@@ -204,7 +204,7 @@ def generate_synthetic_nlvr2(out: Path, world: Path, rng) -> None:
             sides = ["left", "right"] if rng.random() < 0.5 else ["right", "left"]
             for pair_id, (left, right) in enumerate(pairs):
                 for side, scene in (("img0", left), ("img1", right)):
-                    jpeg = _world_image(world, scene).read_bytes()
+                    jpeg = _world_image(world_root, scene).read_bytes()
                     target = image_dir / f"{split}-{set_id}-{pair_id}-{side}.png"
                     if rng.random() < 0.5:
                         target.write_bytes(jpeg)

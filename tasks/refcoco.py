@@ -13,14 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-import data
-from data import SHAPES, StringArray
-from model import ClassifierHead, FreezableModel, init_new
+import world
+from data import StringArray
+from model import ClassifierHead, FreezableModel
 from tasks.base import Task
 from tasks.common import (Transform, _classification_outputs, _field, _int_field, _read_json, _read_pickle,
                           load_image)
 from tasks.metrics import accuracy
 from tasks.synthetic import _kind, _world_scenes
+from towers import init_new
+from world import SHAPES
 
 # -----------------------------------------------------------------------------
 # RefCOCO / RefCOCO+ / RefCOCOg: pick, among all annotated objects of the image, the one a phrase refers to
@@ -181,7 +183,7 @@ class RefCOCOTask(Task):
         self.split_by = split_by
 
     def synthetic_parts(self):
-        return [(self.folder, lambda out, world, rng: generate_synthetic_refcoco(out, world, rng, self.folder))]
+        return [(self.folder, lambda out, world_root, rng: generate_synthetic_refcoco(out, world_root, rng, self.folder))]
 
     def dataset(self, cfg, split, transform, label_names=None):
         images = self.folder_of(cfg, "coco_dir", "coco") / "train2014"
@@ -223,24 +225,24 @@ def _referring_expressions(target, objects, image_size, flavour) -> list:
     if sum(o["colour"] == target["colour"] for o in objects) == 1:
         found.append(f"the {target['colour']} object")
     if flavour != "refcoco+":
-        where = data.position_phrase(target, image_size)
-        if sum(data.position_phrase(o, image_size) == where for o in same) == 1:
+        where = world.position_phrase(target, image_size)
+        if sum(world.position_phrase(o, image_size) == where for o in same) == 1:
             found.append(f"the {kind} {where}")
     if flavour == "refcocog" and len(same) == 1:
         for other in objects:
-            for relation in data.spatial_relations(target, other) if other is not target else []:
-                found.append(f"the {target['size']} {kind} {relation} {data.noun_phrase(other)}")
+            for relation in world.spatial_relations(target, other) if other is not target else []:
+                found.append(f"the {target['size']} {kind} {relation} {world.noun_phrase(other)}")
     return found
 
 
-def generate_synthetic_refcoco(out: Path, world: Path, rng, flavour: str) -> None:
+def generate_synthetic_refcoco(out: Path, world_root: Path, rng, flavour: str) -> None:
     """RefCOCO ("refcoco"), RefCOCO+ ("refcoco+") or RefCOCOg ("refcocog") in the refer layout, on the world's
     train2014 pictures (as the real sets use COCO train2014) with at least two objects: every object is
     annotated (bbox, category = its shape) in instances.json, and each object some expression picks out
     alone becomes a ref with up to two sentences in refs(unc).p / refs(umd).p. Pictures are split ~76%
     train, 8% val, 16% test; in unc, test refs to circles, squares and triangles form testA and the others
     testB (the real testA holds people, testB other objects)."""
-    scenes, image_size = _world_scenes(world)
+    scenes, image_size = _world_scenes(world_root)
     categories = [{"id": k + 1, "name": shape, "supercategory": "shape"} for k, shape in enumerate(SHAPES)]
     category_id = {c["name"]: c["id"] for c in categories}
     images, annotations, refs = [], [], []

@@ -14,12 +14,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+import batching
 import data
+import files
 from contrastive import DualEncoder
-from model import Embedded, FreezableModel, init_new
+from encoders import Embedded
+from model import FreezableModel
 from tasks.base import Task
 from tasks.common import Transform, in_float32, load_image
 from tasks.synthetic import generate_synthetic_flickr30k
+from towers import init_new
 
 # -----------------------------------------------------------------------------
 # Image-text retrieval on the Karpathy splits of COCO (5k test) and Flickr30k (1k test)
@@ -189,7 +193,7 @@ def retrieval_scores(model, split: RetrievalSplit, tokenizer, cfg, dist, desc=No
     texts = Embedded(torch.cat([p.feats for p in parts]), torch.cat([p.mask for p in parts]))  # (n_captions, T, D)
     scores = torch.zeros(len(rows) * n_captions, device=device)  # this process's rows, flattened
     starts = range(0, len(scores), cfg.eval_pairs_batch)
-    for start in data.progress(starts, len(starts), desc, enabled=desc is not None):
+    for start in files.progress(starts, len(starts), desc, enabled=desc is not None):
         pairs = torch.arange(start, min(start + cfg.eval_pairs_batch, len(scores)), device=device)
         scores[pairs] = model.match(texts.select(pairs % n_captions), images.select(pairs // n_captions)).float()
     scores = scores.view(len(rows), n_captions)
@@ -237,7 +241,7 @@ class RetrievalTask(Task):
         return load_retrieval_split(*self._paths(cfg), split, transform)
 
     def train_collate(self, tokenizer, cfg):
-        return data.PretrainCollator(tokenizer, cfg.max_text_len)
+        return batching.PretrainCollator(tokenizer, cfg.max_text_len)
 
     def prepare(self, batch, generator, cfg):
         candidates, valid = sample_negative_images(batch["image_ids"], cfg.retrieval_negatives, generator)

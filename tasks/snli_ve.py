@@ -86,15 +86,15 @@ class SNLIVETask(Task):
         return path
 
 
-def generate_synthetic_snli_ve(out: Path, world: Path, rng) -> None:
+def generate_synthetic_snli_ve(out: Path, world_root: Path, rng) -> None:
     """SNLI-VE on the synthetic Flickr30k: for the first three captions of each picture (the premises), one
     hypothesis per label: a true caption (entailment), a property no picture shows such as 'a red circle is
     heavy' (neutral), an absent object or a wrong count (contradiction). train / dev / test follow the
     Flickr30k split. train spells the image key "Flikr30kID": "<id>.jpg" as the widely downloaded files do,
     dev and test "Flickr30K_ID": "<id>" as the current generator does."""
-    scenes, image_size = _world_scenes(world)
+    scenes, image_size = _world_scenes(world_root)
     captions = {e["cocoid"]: [s["raw"] for s in e["sentences"]]
-                for e in _read_json(world / "coco" / "karpathy" / "dataset_coco.json")["images"]}
+                for e in _read_json(world_root / "coco" / "karpathy" / "dataset_coco.json")["images"]}
     hypothesis = {"entailment": lambda objs: _statement(objs, image_size, rng, True),
                   "neutral": lambda objs: _neutral_statement(objs, rng),
                   "contradiction": lambda objs: _statement(objs, image_size, rng, False)}

@@ -1,5 +1,5 @@
 """Synthetic versions of the tasks: each is written, in the task's official layout, under
-data_root/synthetic next to the synthetic world (data.py) whose pictures and scene facts it is built from, so
+data_root/synthetic next to the synthetic world (world.py) whose pictures and scene facts it is built from, so
 that every task runs offline end to end with the same readers as the real data. Here: generating a folder
 once and atomically, reading the world's scenes, the statements the generators share, and the synthetic
 Flickr30k that SNLI-VE and Flickr30k retrieval both read.
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-import data
-from data import COLOURS, SHAPES
+import files
+import world
 from tasks.common import _read_json
+from world import COLOURS, SHAPES
 
 # -----------------------------------------------------------------------------
 # Synthetic versions: generated once, atomically, beside the synthetic world
@@ -28,7 +29,7 @@ SYNTHETIC_MARKER = "synthetic.json"  # written last into each generated folder: 
 def ensure_generated(world_root: Path, folder: str, generate, seed: int, timeout_seconds=3600.0) -> Path:
     """world_root/folder, generating it first with generate(staging_dir, world_root, rng) if missing.
 
-    As for the world itself (data.generate_once): local rank 0 writes into a hidden temporary folder
+    As for the world itself (files.generate_once): local rank 0 writes into a hidden temporary folder
     beside the target and renames it into place in one step, so the folder is complete or absent; the other
     local ranks wait for its marker. The rng depends only on (seed, folder): the files are deterministic."""
     target = Path(world_root) / folder
@@ -39,7 +40,7 @@ def ensure_generated(world_root: Path, folder: str, generate, seed: int, timeout
         generate(staging, Path(world_root), np.random.default_rng([seed, zlib.crc32(folder.encode())]))
         (staging / SYNTHETIC_MARKER).write_text(json.dumps(wanted))
 
-    data.generate_once(target, marker, write, int(os.environ.get("LOCAL_RANK", "0")), timeout_seconds,
+    files.generate_once(target, marker, write, int(os.environ.get("LOCAL_RANK", "0")), timeout_seconds,
                        "a synthetic task")
     found = _read_json(marker)
     if found != wanted:
@@ -49,12 +50,12 @@ def ensure_generated(world_root: Path, folder: str, generate, seed: int, timeout
 
 def _world_scenes(world_root: Path):
     """The synthetic world's scenes [{"image_id", "split", "objects"}] and its picture side in pixels."""
-    world = _read_json(Path(world_root) / "scenes.json")
-    return world["scenes"], world["image_size"]
+    scenes = _read_json(Path(world_root) / "scenes.json")
+    return scenes["scenes"], scenes["image_size"]
 
 
 def _world_image(world_root: Path, scene) -> Path:
-    folder = "train2014" if scene["split"] == "train" else "val2014"  # as data.generate_synthetic_world files them
+    folder = "train2014" if scene["split"] == "train" else "val2014"  # as world.generate_synthetic_world files them
     return Path(world_root) / "coco" / folder / f"COCO_{folder}_{scene['image_id']:012d}.jpg"
 
 
@@ -68,7 +69,7 @@ def _pick(rng, items):
 
 def _where(obj, image_size) -> str:
     """The object's place on a 3x3 grid as an answer: 'top left', 'left', 'middle'."""
-    return data.position_phrase(obj, image_size).split(" ", 2)[2]
+    return world.position_phrase(obj, image_size).split(" ", 2)[2]
 
 
 def _statement(objects, image_size, rng, true: bool) -> str:
@@ -81,26 +82,26 @@ def _statement(objects, image_size, rng, true: bool) -> str:
     template = int(rng.integers(5))
     if template == 4:  # a count
         count = kinds[_kind(obj)] if true else _pick(rng, [n for n in (1, 2, 3, 4) if n != kinds[_kind(obj)]])
-        return f"there {'is' if count == 1 else 'are'} {data.count_phrase(count, *_kind(obj))}"
+        return f"there {'is' if count == 1 else 'are'} {world.count_phrase(count, *_kind(obj))}"
     if not true:  # the same object as a kind the scene lacks
         colour, shape = _pick(rng, [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in kinds
                                     and (c == obj["colour"] or s == obj["shape"])])
         obj = {**obj, "colour": colour, "shape": shape}
-    others = [(o, r) for o in objects if o is not obj for r in data.spatial_relations(obj, o)]
+    others = [(o, r) for o in objects if o is not obj for r in world.spatial_relations(obj, o)]
     if template == 3 and others:
         other, relation = _pick(rng, others)
-        return f"{data.noun_phrase(obj)} {relation} {data.noun_phrase(other)}"
+        return f"{world.noun_phrase(obj)} {relation} {world.noun_phrase(other)}"
     if template == 2:
-        return f"there is {data.noun_phrase(obj)}"
-    phrase = data.noun_phrase(obj, with_size=template == 1)
-    return f"{phrase} {data.position_phrase(obj, image_size)}" if template == 1 or rng.random() < 0.5 else phrase
+        return f"there is {world.noun_phrase(obj)}"
+    phrase = world.noun_phrase(obj, with_size=template == 1)
+    return f"{phrase} {world.position_phrase(obj, image_size)}" if template == 1 or rng.random() < 0.5 else phrase
 
 
 NEUTRAL_PROPERTIES = ("heavy", "moving", "wooden")  # never shown by a picture: neither entailed nor contradicted
 
 
 def _neutral_statement(objects, rng) -> str:
-    return f"{data.noun_phrase(_pick(rng, objects))} is {_pick(rng, NEUTRAL_PROPERTIES)}"
+    return f"{world.noun_phrase(_pick(rng, objects))} is {_pick(rng, NEUTRAL_PROPERTIES)}"
 
 
 def _write_lines(path: Path, lines) -> None:
@@ -115,18 +116,18 @@ SYNTHETIC_FLICKR_ID = 1_000_000_000  # + the scene's image id: ten digits, like 
 FLICKR_SPLIT = {"train": "train", "restval": "train", "val": "val", "test": "test"}  # world split -> Flickr30k split
 
 
-def generate_synthetic_flickr30k(out: Path, world: Path, rng) -> None:
+def generate_synthetic_flickr30k(out: Path, world_root: Path, rng) -> None:
     """Flickr30k (Karpathy split) from the world: its pictures as flickr30k-images/<id>.jpg and its captions in
     karpathy/dataset_flickr30k.json (no filepath, no cocoid); train + restval scenes form train. The images
     of SNLI-VE and of Flickr30k retrieval."""
     (out / "flickr30k-images").mkdir(parents=True)
-    scenes, _ = _world_scenes(world)
+    scenes, _ = _world_scenes(world_root)
     split_of = {s["image_id"]: s["split"] for s in scenes}
-    coco = _read_json(world / "coco" / "karpathy" / "dataset_coco.json")
+    coco = _read_json(world_root / "coco" / "karpathy" / "dataset_coco.json")
     images = []
     for k, entry in enumerate(coco["images"]):
         flickr_id = SYNTHETIC_FLICKR_ID + entry["cocoid"]
-        shutil.copyfile(world / "coco" / entry["filepath"] / entry["filename"],
+        shutil.copyfile(world_root / "coco" / entry["filepath"] / entry["filename"],
                         out / "flickr30k-images" / f"{flickr_id}.jpg")
         sentences = [{**s, "imgid": k} for s in entry["sentences"]]
         images.append({"sentids": [s["sentid"] for s in sentences], "imgid": k, "sentences": sentences,

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset
 
-from data import COLOURS, SHAPES, StringArray
+from data import StringArray
 from model import TaskModel
 from tasks.base import Task
 from tasks.common import Transform, _field, _int_field, _read_json, load_image
 from tasks.synthetic import _kind, _pick, _where, _world_scenes
+from world import COLOURS, SHAPES
 
 # -----------------------------------------------------------------------------
 # VQAv2: image + question -> answer, scored against ten human answers
@@ -403,11 +404,11 @@ def _human_answers(answer, alternatives, rng) -> list:
     return answers
 
 
-def generate_synthetic_vqa(out: Path, world: Path, rng) -> None:
+def generate_synthetic_vqa(out: Path, world_root: Path, rng) -> None:
     """VQAv2 on the world's pictures: questions about colour, shape, count, presence and position, each with
     ten human answers. train2014 holds the world's train scenes and val2014 the others, whose pictures the
     world already files as COCO_train2014_* / COCO_val2014_*; question ids are image id * 100 + k."""
-    scenes, image_size = _world_scenes(world)
+    scenes, image_size = _world_scenes(world_root)
     for split, world_splits in (("train2014", ("train",)), ("val2014", ("restval", "val", "test"))):
         questions, annotations = [], []
         for scene in scenes:

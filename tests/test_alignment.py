@@ -9,8 +9,9 @@ import engine
 import finetune
 import tasks
 from alignment import Adapter, add_adapters, is_adapter_parameter
-from model import (PretrainModel, apply_freezing, build_encoder, build_pretrain_model, format_parameter_summary,
-                   parameter_summary)
+from config import ConfigError, load_config
+from encoders import build_encoder
+from model import PretrainModel, apply_freezing, build_pretrain_model, format_parameter_summary, parameter_summary
 from tiny import DUAL_ENCODER as DUAL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,8 +169,8 @@ def test_pre_adapter_checkpoint_loads_into_an_adapter_model_with_checked_loading
 
 
 def test_bad_alignment_settings_are_refused_with_the_key():
-    with pytest.raises(engine.ConfigError, match="text_align"):
-        engine.load_config(["--text_align=layernorm,lora"])
+    with pytest.raises(ConfigError, match="text_align"):
+        load_config(["--text_align=layernorm,lora"])
     with pytest.raises(ValueError, match="vision_align"):
         build_encoder(tiny_config(model_type="one_tower", vision_align=["bias"]), VOCAB)
     with pytest.raises(ValueError, match="sublayer layouts"):

@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import batching
 import bench
 import data
 import engine
 import pretrain
-from model import (Attention, Embedded, PretrainModel, apply_freezing, attention_with_dropout, build_encoder,
-                   build_pretrain_model, dropout, enable_gradient_checkpointing)
+from config import Config
+from encoders import Attention, Embedded, attention_with_dropout, build_encoder, dropout
+from model import PretrainModel, apply_freezing, build_pretrain_model, enable_gradient_checkpointing
 from tiny import TINY, tiny_config
 
 VOCAB = 60
@@ -222,8 +224,8 @@ def test_feature_cache_gives_the_losses_of_the_images(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # the training and the held-out pictures
     prepare = pretrain.make_prepare_batch(cfg, data.TokenizerInfo.from_tokenizer(tokenizer), dist.device)
     items = [0, 5, 9, 17]
-    plain_batch = prepare(data.PretrainCollator(tokenizer, cfg.max_text_len)([plain[i] for i in items]), 0, 0)
-    cached_batch = prepare(data.CachedFeatureCollator(tokenizer, cfg.max_text_len)([cached[i] for i in items]), 0, 0)
+    plain_batch = prepare(batching.PretrainCollator(tokenizer, cfg.max_text_len)([plain[i] for i in items]), 0, 0)
+    cached_batch = prepare(batching.CachedFeatureCollator(tokenizer, cfg.max_text_len)([cached[i] for i in items]), 0, 0)
     assert "pixel_values" not in cached_batch and cached_batch["image_feats"].dtype == torch.float16
     with torch.no_grad():
         tower_out = model.encoder.vision_features(plain_batch["pixel_values"])
@@ -245,7 +247,7 @@ def test_feature_cache_refuses_a_trainable_tower_or_augmentation(tmp_path):
     for overrides in (dict(freeze_vision=False), dict(augment=True)):
         cfg = dataclasses.replace(cache_config(tmp_path), **overrides)
         with pytest.raises(ValueError, match="freeze_vision=True and augment=False"):
-            data.with_cached_vision_features(None, cfg, None, torch.device("cpu"), None)
+            batching.with_cached_vision_features(None, cfg, None, torch.device("cpu"), None)
 
 
 # -----------------------------------------------------------------------------
@@ -274,7 +276,7 @@ def test_gpu_peak_table_takes_the_most_specific_name(monkeypatch, name, peak):
 
 
 def test_random_init_towers_builds_the_hub_models_exact_dimensions():
-    cfg = engine.Config(random_init_towers=True)  # the paper's towers: ELECTRA-Small and DeiT-Tiny, by hub name
+    cfg = Config(random_init_towers=True)  # the paper's towers: ELECTRA-Small and DeiT-Tiny, by hub name
     encoder = build_encoder(cfg, 1000)  # no hub access: the tests run with HF_HUB_OFFLINE=1
     text, vision = encoder.text_tower.config, encoder.vision_tower.config
     assert (text.model_type, text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
@@ -292,10 +294,10 @@ def test_random_init_towers_builds_the_hub_models_exact_dimensions():
 
 def test_random_data_skips_the_tokenizer_only_for_a_hub_text_tower_built_offline():
     random, loader = SimpleNamespace(data="random"), SimpleNamespace(data="loader")
-    assert not bench.needs_tokenizer(engine.Config(random_init_towers=True), random)  # ELECTRA-Small's own
-    assert bench.needs_tokenizer(engine.Config(), random)  # real towers: the tokenizer is loaded
-    assert bench.needs_tokenizer(engine.Config(random_init_towers=True, tokenizer="synthetic"), random)
-    assert bench.needs_tokenizer(engine.Config(random_init_towers=True), loader)
+    assert not bench.needs_tokenizer(Config(random_init_towers=True), random)  # ELECTRA-Small's own
+    assert bench.needs_tokenizer(Config(), random)  # real towers: the tokenizer is loaded
+    assert bench.needs_tokenizer(Config(random_init_towers=True, tokenizer="synthetic"), random)
+    assert bench.needs_tokenizer(Config(random_init_towers=True), loader)
 
 
 def test_bench_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):

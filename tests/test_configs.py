@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-import engine
 import evaluate
 import finetune
 import pretrain
+from config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -51,7 +51,7 @@ RUNNABLE = [path for path in CONFIGS if launch_entry_point(path)]
 
 
 def resolved(path):
-    return engine.load_config([str(path), "--out_dir=/nonexistent/run"])
+    return load_config([str(path), "--out_dir=/nonexistent/run"])
 
 
 def config_task(path):

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from contrastive import ContrastiveLoss, DualEncoder, DualEncoderPretrainModel, draw_hard_negatives
-from model import EncoderOutput, PretrainModel, apply_freezing, build_encoder, build_pretrain_model
+from encoders import EncoderOutput, build_encoder
+from model import PretrainModel, apply_freezing, build_pretrain_model
 from tiny import DUAL_ENCODER as DUAL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

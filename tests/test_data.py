@@ -1,4 +1,5 @@
-"""Tests for data.py: synthetic world, corpus readers, streaming, tokenizer, collator, MLM/ITM, sampling."""
+"""Tests for world.py, data.py and batching.py: synthetic world, corpus readers, streaming, tokenizer, collator,
+MLM/ITM, sampling."""
 
 import io
 import json
@@ -17,7 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import BertTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import batching  # noqa: E402
 import data  # noqa: E402
+import world  # noqa: E402
 
 
 def make_cfg(tmp_path, **overrides):
@@ -53,24 +56,24 @@ def tree_bytes(root):
 
 def test_synthetic_world_is_read_back_by_the_real_loaders(tmp_path):
     root = tmp_path / "world"
-    data.generate_synthetic_world(root, num_images=20, seed=3, image_size=32)
+    world.generate_synthetic_world(root, num_images=20, seed=3, image_size=32)
     scenes = {s["image_id"]: s for s in json.loads((root / "scenes.json").read_text())["scenes"]}
     tables = data.read_karpathy(root / "coco/karpathy/dataset_coco.json", root / "coco",
                                 {"train": ("train", "restval"), "val": ("val",), "test": ("test",)})
     assert sum(len(t.image_ids) for t in tables.values()) == 20
     assert len(tables["val"].image_ids) >= 1 and len(tables["test"].image_ids) >= 1
     train = data.CaptionDataset(tables["train"], lambda image: image)
-    assert len(train) == data.CAPTIONS_PER_IMAGE * len(tables["train"].image_ids)
-    for i in range(0, len(train), data.CAPTIONS_PER_IMAGE):  # first caption of each image: the summary
+    assert len(train) == world.CAPTIONS_PER_IMAGE * len(tables["train"].image_ids)
+    for i in range(0, len(train), world.CAPTIONS_PER_IMAGE):  # first caption of each image: the summary
         item = train[i]
         objects = scenes[item["image_id"]]["objects"]
-        assert item["caption"] == data.scene_summary(objects)
+        assert item["caption"] == world.scene_summary(objects)
         assert item["image"].size == (32, 32)
         pixels = np.asarray(item["image"]).astype(int)
         for obj in objects:  # the picture shows what the scene says, where it says
             x, y, w, h = obj["box"]
             centre = pixels[y + h // 2, x + w // 2]
-            assert np.abs(centre - np.array(data.COLOURS[obj["colour"]])).max() < 40, (obj, centre)
+            assert np.abs(centre - np.array(world.COLOURS[obj["colour"]])).max() < 40, (obj, centre)
     vg_table = data.read_visual_genome(root / "vg")
     vg = data.CaptionDataset(vg_table, lambda image: image)
     train_ids = set(tables["train"].image_ids.tolist())
@@ -79,8 +82,8 @@ def test_synthetic_world_is_read_back_by_the_real_loaders(tmp_path):
     for i in range(len(vg)):
         item = vg[i]
         objects = scenes[item["image_id"]]["objects"]
-        single = {data.noun_phrase(obj, with_size=True) for obj in objects}
-        assert item["caption"] in single or any(f" {r} " in item["caption"] for r in data.RELATIONS)
+        single = {world.noun_phrase(obj, with_size=True) for obj in objects}
+        assert item["caption"] in single or any(f" {r} " in item["caption"] for r in world.RELATIONS)
         assert item["image"].size == (32, 32)
     regions = json.loads((root / "vg/region_descriptions.json").read_text())
     for entry in regions:
@@ -90,9 +93,9 @@ def test_synthetic_world_is_read_back_by_the_real_loaders(tmp_path):
 
 
 def test_synthetic_world_is_deterministic_for_a_seed(tmp_path):
-    data.generate_synthetic_world(tmp_path / "a", num_images=10, seed=7, image_size=32)
-    data.generate_synthetic_world(tmp_path / "b", num_images=10, seed=7, image_size=32)
-    data.generate_synthetic_world(tmp_path / "c", num_images=10, seed=8, image_size=32)
+    world.generate_synthetic_world(tmp_path / "a", num_images=10, seed=7, image_size=32)
+    world.generate_synthetic_world(tmp_path / "b", num_images=10, seed=7, image_size=32)
+    world.generate_synthetic_world(tmp_path / "c", num_images=10, seed=8, image_size=32)
     first, second = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
     assert first == second and any(name.endswith(".jpg") for name in first)
     assert first["coco/karpathy/dataset_coco.json"] != tree_bytes(tmp_path / "c")["coco/karpathy/dataset_coco.json"]
@@ -100,7 +103,7 @@ def test_synthetic_world_is_deterministic_for_a_seed(tmp_path):
 
 def test_synthetic_captions_use_only_the_tokenizer_vocabulary(tmp_path):
     root = tmp_path / "world"
-    data.generate_synthetic_world(root, num_images=60, seed=1, image_size=32)
+    world.generate_synthetic_world(root, num_images=60, seed=1, image_size=32)
     karpathy = json.loads((root / "coco/karpathy/dataset_coco.json").read_text())
     texts = [s["raw"] for image in karpathy["images"] for s in image["sentences"]]
     texts += [r["phrase"] for e in json.loads((root / "vg/region_descriptions.json").read_text()) for r in e["regions"]]
@@ -116,19 +119,19 @@ def test_ensure_synthetic_world_generates_once_and_other_ranks_wait(tmp_path, mo
     waited = {}
 
     def other_rank():  # bounded wait, and a daemon thread: a rank 0 that never finishes cannot hang the suite
-        waited["root"] = data.ensure_synthetic_world(cfg, SimpleNamespace(local_rank=1), timeout_seconds=60)
+        waited["root"] = world.ensure_synthetic_world(cfg, SimpleNamespace(local_rank=1), timeout_seconds=60)
     waiter = threading.Thread(target=other_rank, daemon=True)
     waiter.start()
-    root = data.ensure_synthetic_world(cfg, SimpleNamespace(local_rank=0))
+    root = world.ensure_synthetic_world(cfg, SimpleNamespace(local_rank=0))
     waiter.join(timeout=60)
     assert not waiter.is_alive(), "the waiting rank never saw the world finished"
     assert waited["root"] == root == Path(cfg.data_root) / "synthetic"
     assert os.listdir(cfg.data_root) == ["synthetic"]  # no staging folder left behind
     stamp = (root / "world.json").stat().st_mtime_ns
-    assert data.ensure_synthetic_world(cfg) == root  # LOCAL_RANK unset: rank 0
+    assert world.ensure_synthetic_world(cfg) == root  # LOCAL_RANK unset: rank 0
     assert (root / "world.json").stat().st_mtime_ns == stamp  # reused, not regenerated
     with pytest.raises(ValueError, match="synthetic_images"):
-        data.ensure_synthetic_world(make_cfg(tmp_path, synthetic_images=13))
+        world.ensure_synthetic_world(make_cfg(tmp_path, synthetic_images=13))
 
 
 # -----------------------------------------------------------------------------
@@ -317,13 +320,13 @@ def test_stream_resume_skips_the_consumed_batches(tmp_path):
     write_img2dataset(tmp_path / "cc3m", "folder", num_shards=4, per_shard=4)
     stream = data.CaptionStream([data.Img2DatasetShards(tmp_path / "cc3m", TRANSFORM)])
     for num_workers in (0, 2):
-        loader = data.ResumableLoader(stream, 2, rank=0, world_size=1, seed=5, collate=captions_of,
+        loader = batching.ResumableLoader(stream, 2, rank=0, world_size=1, seed=5, collate=captions_of,
                                       num_workers=num_workers)
         iterator = iter(loader)
         head = [next(iterator) for _ in range(3)]
         state = loader.state_dict()
         tail = [next(iterator) for _ in range(3)]
-        resumed = data.ResumableLoader(stream, 2, rank=0, world_size=1, seed=5, collate=captions_of,
+        resumed = batching.ResumableLoader(stream, 2, rank=0, world_size=1, seed=5, collate=captions_of,
                                        num_workers=num_workers)
         resumed.load_state_dict(state)
         resumed_iterator = iter(resumed)
@@ -350,8 +353,8 @@ def test_build_pretrain_datasets_mixes_map_and_streaming_corpora(tmp_path, capsy
     assert isinstance(mixed, data.CaptionStream) and len(mixed) == len(train) + 6
     ids = {item["image_id"] for item in read_stream(mixed)}
     assert len(ids) == 6 + 10  # cc3m keys and synthetic scenes never share an id
-    collate = data.PretrainCollator(data.build_tokenizer(cfg), cfg.max_text_len)
-    batch = next(iter(data.build_loader(mixed, cfg, rank=0, world_size=1, seed=0, collate=collate)))
+    collate = batching.PretrainCollator(data.build_tokenizer(cfg), cfg.max_text_len)
+    batch = next(iter(batching.build_loader(mixed, cfg, rank=0, world_size=1, seed=0, collate=collate)))
     assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["image_ids"].shape == (4,)
     cfg.corpora = ["cc3m"]
     _, val = data.build_pretrain_datasets(cfg, transform)
@@ -405,7 +408,7 @@ def wordpiece_tokenizer():
 
 def test_collator_pads_to_the_longest_caption_and_truncates():
     tokenizer = wordpiece_tokenizer()
-    collate = data.PretrainCollator(tokenizer, max_text_len=6)
+    collate = batching.PretrainCollator(tokenizer, max_text_len=6)
     items = [{"image": torch.zeros(3, 4, 4), "caption": caption, "image_id": i}
              for i, caption in enumerate(["two triangles", "a red circle"])]
     batch = collate(items)
@@ -433,7 +436,7 @@ def test_mask_tokens_statistics_and_specials():
     input_ids[special] = tokenizer.pad_token_id
     input_ids[:, 0] = tokenizer.cls_token_id
     word_ids = torch.where(special, -1, positions - 1)
-    mlm_input_ids, labels = data.mask_tokens(input_ids, special, word_ids, info, 0.15, False, generator)
+    mlm_input_ids, labels = batching.mask_tokens(input_ids, special, word_ids, info, 0.15, False, generator)
     selected = labels != -100
     assert abs(selected.sum() / (~special).sum() - 0.15) < 0.02
     assert not selected[special].any() and torch.equal(mlm_input_ids[special], input_ids[special])
@@ -445,41 +448,41 @@ def test_mask_tokens_statistics_and_specials():
     assert abs(masked.sum() / n - 0.8) < 0.04
     assert abs(replaced.sum() / n - 0.1) < 0.03 and abs(unchanged.sum() / n - 0.1) < 0.03
     assert not np.isin(mlm_input_ids[replaced].numpy(), info.special_ids).any()
-    again = data.mask_tokens(input_ids, special, word_ids, info, 0.15, False, torch.Generator().manual_seed(0))
-    first = data.mask_tokens(input_ids, special, word_ids, info, 0.15, False, torch.Generator().manual_seed(0))
+    again = batching.mask_tokens(input_ids, special, word_ids, info, 0.15, False, torch.Generator().manual_seed(0))
+    first = batching.mask_tokens(input_ids, special, word_ids, info, 0.15, False, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(again, first))  # a function of the generator only
 
 
 def test_mask_tokens_whole_words_and_at_least_one_per_row():
     tokenizer = wordpiece_tokenizer()
     info = data.TokenizerInfo.from_tokenizer(tokenizer)
-    collate = data.PretrainCollator(tokenizer, max_text_len=40)
+    collate = batching.PretrainCollator(tokenizer, max_text_len=40)
     captions = ["two triangles left of a starry sky", "a red circle", "triangles", "two green stars"] * 50
     batch = collate([{"image": torch.zeros(3, 2, 2), "caption": c, "image_id": 0} for c in captions])
     ids, special, word_ids = batch["input_ids"], batch["special_tokens_mask"], batch["word_ids"]
     for seed in range(5):
-        _, labels = data.mask_tokens(ids, special, word_ids, info, 0.15, True, torch.Generator().manual_seed(seed))
+        _, labels = batching.mask_tokens(ids, special, word_ids, info, 0.15, True, torch.Generator().manual_seed(seed))
         selected = labels != -100
         assert selected.any(dim=1).all() and not selected[special].any()
         for b in range(len(captions)):
             for word in word_ids[b].unique():
                 if word >= 0:  # all pieces of a word share its fate ("triangle" "##s", "star" "##ry")
                     assert selected[b][word_ids[b] == word].unique().numel() == 1
-    _, labels = data.mask_tokens(ids, special, word_ids, info, 0.0, False, torch.Generator().manual_seed(0))
+    _, labels = batching.mask_tokens(ids, special, word_ids, info, 0.0, False, torch.Generator().manual_seed(0))
     assert ((labels != -100).sum(dim=1) == 1).all()  # nothing drawn: exactly one forced per row
     empty = torch.ones_like(special)
-    _, labels = data.mask_tokens(ids, empty, word_ids, info, 0.15, True, torch.Generator().manual_seed(0))
+    _, labels = batching.mask_tokens(ids, empty, word_ids, info, 0.15, True, torch.Generator().manual_seed(0))
     assert (labels == -100).all()  # rows with nothing eligible stay unlabelled
 
 
 def test_itm_negatives_never_share_the_image():
     image_ids = torch.tensor([4, 4, 4, 4, 4, 9, 9, 9, 9, 9, 2])  # five captions per picture, like COCO
     for seed in range(20):
-        index, labels = data.sample_itm_pairs(image_ids, 1.0, torch.Generator().manual_seed(seed))
+        index, labels = batching.sample_itm_pairs(image_ids, 1.0, torch.Generator().manual_seed(seed))
         assert (labels == 0).all() and (image_ids[index] != image_ids).all()
-    index, labels = data.sample_itm_pairs(torch.full((6,), 3), 1.0, torch.Generator().manual_seed(0))
+    index, labels = batching.sample_itm_pairs(torch.full((6,), 3), 1.0, torch.Generator().manual_seed(0))
     assert (labels == 1).all() and torch.equal(index, torch.arange(6))  # no other picture: stays positive
-    index, labels = data.sample_itm_pairs(torch.arange(4000), 0.5, torch.Generator().manual_seed(0))
+    index, labels = batching.sample_itm_pairs(torch.arange(4000), 0.5, torch.Generator().manual_seed(0))
     assert abs(labels.float().mean() - 0.5) < 0.03
     assert torch.equal(index[labels == 1], torch.arange(4000)[labels == 1])
 
@@ -488,8 +491,8 @@ def test_itm_negatives_never_share_the_image():
 # Sampling and loading
 
 def test_micro_batch_sampler_grouping_coverage_and_resume():
-    one = data.MicroBatchSampler(48, 4, rank=0, world_size=1, seed=3)
-    ranks = [data.MicroBatchSampler(48, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    one = batching.MicroBatchSampler(48, 4, rank=0, world_size=1, seed=3)
+    ranks = [batching.MicroBatchSampler(48, 4, rank=r, world_size=2, seed=3) for r in range(2)]
     single = list(one)
     per_rank = [list(s) for s in ranks]
     # optimizer step s: one process's micro-steps 2s and 2s+1 == rank 0's and rank 1's micro-batch s
@@ -515,7 +518,7 @@ class Indices(Dataset):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resumable_loader_state_round_trip_across_epochs(num_workers):
     def make():
-        return data.ResumableLoader(Indices(), 3, rank=0, world_size=1, seed=1, collate=list,
+        return batching.ResumableLoader(Indices(), 3, rank=0, world_size=1, seed=1, collate=list,
                                     num_workers=num_workers)
     reference = make()
     iterator = iter(reference)
@@ -537,7 +540,7 @@ def test_resumable_loader_resumes_on_another_world_size():
     """Two processes that took 3 micro-batches each resume on one process at global micro-batch 6, and one
     process that took 5 resumes on two at global micro-batch 6 (a whole round: nothing is seen twice)."""
     def loader(rank, world_size):
-        return data.ResumableLoader(Indices(), 1, rank=rank, world_size=world_size, seed=1, collate=list)
+        return batching.ResumableLoader(Indices(), 1, rank=rank, world_size=world_size, seed=1, collate=list)
     one = iter(loader(0, 1))
     order = [next(one) for _ in range(8)]  # the global micro-batch order of epoch 0 (10 micro-batches of 1)
     states = []

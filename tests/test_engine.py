@@ -1,4 +1,4 @@
-"""engine.py: config loading, lr schedule, optimizer groups, checkpoints and the training loop, on a tiny
+"""config.py and engine.py: config loading, lr schedule, optimizer groups, checkpoints and the training loop, on a tiny
 regression model with a fake resumable loader (CPU, float32)."""
 import dataclasses
 import json
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import engine
 import processes
+from config import Config, ConfigError, KEY_TYPES, config_reference, load_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,29 +30,29 @@ def write(path, text):
 
 def test_precedence_defaults_file_command_line(tmp_path):
     config = write(tmp_path / "run.py", "lr = 3e-4\nbatch_size = 64\nmicro_batch_size = 8\n")
-    cfg = engine.load_config([config, "--lr=1e-3"])
+    cfg = load_config([config, "--lr=1e-3"])
     assert (cfg.lr, cfg.batch_size, cfg.micro_batch_size) == (1e-3, 64, 8)
-    assert cfg.seed == engine.Config().seed
-    assert engine.load_config([]) == engine.Config()
+    assert cfg.seed == Config().seed
+    assert load_config([]) == Config()
 
 
 def test_include_chain_relative_to_including_file(tmp_path):
     write(tmp_path / "base.py", "import math\nlr = 2e-4\nmicro_batch_size = 8\nfreeze_text = True\n")
     write(tmp_path / "freeze" / "vision.py", 'include("../base.py")\nfreeze_vision = True\n')
     top = write(tmp_path / "freeze" / "both_fast.py", 'include("vision.py")\nlr = lr * 2\n')
-    cfg = engine.load_config([top])
+    cfg = load_config([top])
     assert (cfg.lr, cfg.micro_batch_size, cfg.freeze_text, cfg.freeze_vision) == (4e-4, 8, True, True)
 
 
 def test_include_cycle_is_an_error(tmp_path):
     a = write(tmp_path / "a.py", 'include("b.py")\n')
     write(tmp_path / "b.py", 'include("a.py")\n')
-    with pytest.raises(engine.ConfigError, match="include cycle"):
-        engine.load_config([a])
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config([a])
 
 
 def test_command_line_values_are_parsed_by_type():
-    cfg = engine.load_config(["--corpora=coco,cc3m", "--betas=0.9,0.95", "--resume=false", "--compile=1",
+    cfg = load_config(["--corpora=coco,cc3m", "--betas=0.9,0.95", "--resume=false", "--compile=1",
                               "--max_steps=10", "--lr=1", "--out_dir=123", "--freeze_modules=", "--warmup_steps=0",
                               "--image_mean=(0.4, 0.5, 0.6)"])
     assert cfg.corpora == ["coco", "cc3m"] and cfg.betas == (0.9, 0.95)
@@ -61,12 +62,12 @@ def test_command_line_values_are_parsed_by_type():
 
 
 def test_unknown_key_suggests_the_nearest(tmp_path):
-    with pytest.raises(engine.ConfigError,
+    with pytest.raises(ConfigError,
                        match=r"command line: unknown config key 'max_step' \(did you mean 'max_steps'\?\)"):
-        engine.load_config(["--max_step=5"])
+        load_config(["--max_step=5"])
     config = write(tmp_path / "typo.py", "lrr = 1e-4\n")
-    with pytest.raises(engine.ConfigError, match=r"typo.py: unknown config key 'lrr' \(did you mean 'lr'\?\)"):
-        engine.load_config([config])
+    with pytest.raises(ConfigError, match=r"typo.py: unknown config key 'lrr' \(did you mean 'lr'\?\)"):
+        load_config([config])
 
 
 @pytest.mark.parametrize("arg, pattern", [
@@ -76,53 +77,53 @@ def test_unknown_key_suggests_the_nearest(tmp_path):
     ("--image_mean=0.5,0.5", r"'image_mean' expects tuple\[float, float, float\]"),
 ])
 def test_wrong_type_on_the_command_line_is_named(arg, pattern):
-    with pytest.raises(engine.ConfigError, match=pattern):
-        engine.load_config([arg])
+    with pytest.raises(ConfigError, match=pattern):
+        load_config([arg])
 
 
 def test_wrong_type_in_a_file_names_file_and_key(tmp_path):
     config = write(tmp_path / "bad.py", "resume = 'yes'\n")
-    with pytest.raises(engine.ConfigError, match=r"bad.py: config key 'resume' expects bool"):
-        engine.load_config([config])
+    with pytest.raises(ConfigError, match=r"bad.py: config key 'resume' expects bool"):
+        load_config([config])
 
 
 def test_bad_config_files_are_named(tmp_path):
-    with pytest.raises(engine.ConfigError, match="missing.py"):
-        engine.load_config([str(tmp_path / "missing.py")])
+    with pytest.raises(ConfigError, match="missing.py"):
+        load_config([str(tmp_path / "missing.py")])
     syntax = write(tmp_path / "syntax.py", "lr = 1e-4\nbatch_size = = 3\n")
-    with pytest.raises(engine.ConfigError, match=r"syntax.py, line 2: syntax error"):
-        engine.load_config([syntax])
+    with pytest.raises(ConfigError, match=r"syntax.py, line 2: syntax error"):
+        load_config([syntax])
     raising = write(tmp_path / "raising.py", "lr = 1e-4\n\nseed = undefined_name\n")
-    with pytest.raises(engine.ConfigError, match=r"raising.py, line 3: NameError"):
-        engine.load_config([raising])
-    with pytest.raises(engine.ConfigError, match="expected --key=value, got 'lr'"):
-        engine.load_config(["--seed=1", "lr"])
+    with pytest.raises(ConfigError, match=r"raising.py, line 3: NameError"):
+        load_config([raising])
+    with pytest.raises(ConfigError, match="expected --key=value, got 'lr'"):
+        load_config(["--seed=1", "lr"])
 
 
 def test_main_guard_prints_one_line_and_exits_2():
-    script = "import sys, engine; engine.main_guard(lambda: engine.load_config(sys.argv[1:]))"
+    script = "import sys; from config import load_config, main_guard; main_guard(lambda: load_config(sys.argv[1:]))"
     result = processes.run([sys.executable, "-c", script, "--lrr=1"], timeout=60, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: command line: unknown config key 'lrr' (did you mean 'lr'?)"]
 
 
 def test_validate_rejects_impossible_settings():
-    with pytest.raises(engine.ConfigError, match="batch_size=100 is not divisible by micro_batch_size=32 x world_size"):
-        engine.validate(engine.Config(batch_size=100), world_size=1)
-    engine.validate(engine.Config(batch_size=64, micro_batch_size=32), world_size=2)
-    with pytest.raises(engine.ConfigError, match="world_size=4"):
-        engine.validate(engine.Config(batch_size=64, micro_batch_size=32), world_size=4)
-    with pytest.raises(engine.ConfigError, match="dtype='fp16' is not one of"):
-        engine.load_config(["--dtype=fp16"])
-    with pytest.raises(engine.ConfigError, match="lr_decay='step'"):
-        engine.load_config(["--lr_decay=step"])
-    engine.validate(engine.Config(), world_size=2)  # the paper's 704 = 32 x 11 x 2
+    with pytest.raises(ConfigError, match="batch_size=100 is not divisible by micro_batch_size=32 x world_size"):
+        validate(Config(batch_size=100), world_size=1)
+    validate(Config(batch_size=64, micro_batch_size=32), world_size=2)
+    with pytest.raises(ConfigError, match="world_size=4"):
+        validate(Config(batch_size=64, micro_batch_size=32), world_size=4)
+    with pytest.raises(ConfigError, match="dtype='fp16' is not one of"):
+        load_config(["--dtype=fp16"])
+    with pytest.raises(ConfigError, match="lr_decay='step'"):
+        load_config(["--lr_decay=step"])
+    validate(Config(), world_size=2)  # the paper's 704 = 32 x 11 x 2
 
 
 def test_config_reference_documents_every_key():
-    table = engine.config_reference()
+    table = config_reference()
     rows = [line for line in table.splitlines() if line.startswith("| `")]
-    assert [row.split("`")[1] for row in rows] == list(engine.KEY_TYPES)
+    assert [row.split("`")[1] for row in rows] == list(KEY_TYPES)
     assert all(row.rstrip(" |").split("|")[-1].strip() for row in rows)  # every key has a comment
 
 
@@ -130,7 +131,7 @@ def test_config_reference_documents_every_key():
 # Learning rate and optimizer
 
 def test_lr_schedule_warmup_then_linear_or_cosine_decay():
-    cfg = engine.Config(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    cfg = Config(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert engine.lr_at(0, cfg) == pytest.approx(0.1)
     assert engine.lr_at(4, cfg) == pytest.approx(0.5)
     assert engine.lr_at(9, cfg) == pytest.approx(1.0)
@@ -160,7 +161,7 @@ class Grouped(nn.Module):
 def test_optimizer_groups_decay_frozen_and_lr_scale():
     model = Grouped()
     model.tower[1].requires_grad_(True)  # a trainable LayerNorm in an otherwise frozen group
-    optimizer = engine.build_optimizer(model, engine.Config(weight_decay=0.05), {"head": 5.0}, verbose=False)
+    optimizer = engine.build_optimizer(model, Config(weight_decay=0.05), {"head": 5.0}, verbose=False)
     groups = [(g["name"], g["weight_decay"], g["lr_scale"], [tuple(p.shape) for p in g["params"]])
               for g in optimizer.param_groups]
     assert groups == [("tower", 0.0, 1.0, [(8,), (8,)]),
@@ -177,16 +178,16 @@ def test_optimizer_refuses_ungrouped_shared_or_nothing_trainable():
     model = Grouped()
     model.module_groups = lambda: {"cross": model.cross}
     with pytest.raises(ValueError, match="in no module group: \\['head.weight', 'head.bias'\\]"):
-        engine.build_optimizer(model, engine.Config(), {}, verbose=False)
+        engine.build_optimizer(model, Config(), {}, verbose=False)
     model.module_groups = lambda: {"cross": model.cross, "head": model.head, "again": model.cross}
     with pytest.raises(ValueError, match="again.weight is also in group 'cross'"):
-        engine.build_optimizer(model, engine.Config(), {}, verbose=False)
+        engine.build_optimizer(model, Config(), {}, verbose=False)
     model = Grouped()
     with pytest.raises(ValueError, match="groups the model does not have: \\['heads'\\]"):
-        engine.build_optimizer(model, engine.Config(), {"heads": 5.0}, verbose=False)
+        engine.build_optimizer(model, Config(), {"heads": 5.0}, verbose=False)
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
-        engine.build_optimizer(model, engine.Config(), {}, verbose=False)
+        engine.build_optimizer(model, Config(), {}, verbose=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ class TinyRegressor(nn.Module):
 
 
 class FakeLoader:
-    """Stands in for data.ResumableLoader: global micro-batch j is rows [j*m, (j+1)*m) of a fixed set
+    """Stands in for batching.ResumableLoader: global micro-batch j is rows [j*m, (j+1)*m) of a fixed set
     (cycled); the process of rank r takes j = k * world + r, k = 0, 1, ..."""
 
     def __init__(self, micro_batch_size, rank=0, world_size=1, rows=48):
@@ -241,7 +242,7 @@ def prepare_batch(raw, step, micro_index):
 
 
 def tiny_config(out_dir, **overrides):
-    return engine.Config(**{**dict(out_dir=str(out_dir), device="cpu", batch_size=8, micro_batch_size=4,
+    return Config(**{**dict(out_dir=str(out_dir), device="cpu", batch_size=8, micro_batch_size=4,
                                    max_steps=8, lr=3e-2, warmup_steps=2, log_interval=2, eval_interval=4,
                                    ckpt_interval=4, weight_decay=0.0), **overrides})
 
@@ -265,7 +266,7 @@ def test_checkpoints_are_atomic_pruned_and_weights_only(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_6.pt", "ckpt_9.pt"]
     assert engine.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_9.pt")
     ckpt = torch.load(tmp_path / "ckpt_9.pt", weights_only=True)
-    assert ckpt["step"] == 9 and engine.Config(**ckpt["config"]) == cfg
+    assert ckpt["step"] == 9 and Config(**ckpt["config"]) == cfg
     assert set(ckpt) == {"model", "optimizer", "scaler", "step", "config", "rng", "loader"}
     assert engine.latest_checkpoint(str(tmp_path / "nowhere")) is None
 
@@ -277,7 +278,7 @@ def test_resume_keeps_this_runs_optimizer_settings_and_checks_groups(tmp_path):
     scaler, loader = torch.amp.GradScaler("cpu", enabled=False), FakeLoader(4)
     loader.batches_done = 6
     path = engine.save_checkpoint(cfg, single_process(), 3, model, optimizer, scaler, loader)
-    optimizer = engine.build_optimizer(model, engine.Config(weight_decay=0.1), {"head": 3.0}, verbose=False)
+    optimizer = engine.build_optimizer(model, Config(weight_decay=0.1), {"head": 3.0}, verbose=False)
     loader = FakeLoader(4)
     assert engine.load_checkpoint(path, model, optimizer, scaler, loader)["step"] == 3
     assert [(g["lr_scale"], g["weight_decay"]) for g in optimizer.param_groups] == [(1.0, 0.1), (1.0, 0.0),
@@ -410,12 +411,12 @@ def test_float32_matmul_precision_is_set_on_cuda_only(tmp_path, monkeypatch, mat
     torch.set_float32_matmul_precision("highest")
     dist = engine.setup_distributed(tiny_config(tmp_path, device=device, matmul_precision=precision))
     assert dist.device.type == device and torch.get_float32_matmul_precision() == expected
-    assert engine.Config().matmul_precision == "high"
+    assert Config().matmul_precision == "high"
 
 
 def test_refuses_to_restart_over_checkpoints_without_resume(tmp_path):
     run_tiny(tmp_path, max_steps=4)
-    with pytest.raises(engine.ConfigError, match="already holds checkpoints and resume=False"):
+    with pytest.raises(ConfigError, match="already holds checkpoints and resume=False"):
         run_tiny(tmp_path, max_steps=4, resume=False)
 
 
@@ -446,7 +447,7 @@ def test_accumulation_matches_two_processes(tmp_path):
 
 
 def test_float16_on_cpu_is_refused(tmp_path):
-    with pytest.raises(engine.ConfigError, match="float16 needs a CUDA device"):
+    with pytest.raises(ConfigError, match="float16 needs a CUDA device"):
         run_tiny(tmp_path, dtype="float16")
     assert not (tmp_path / "log.jsonl").exists()
 

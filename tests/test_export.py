@@ -21,7 +21,9 @@ import evaluate
 import export
 import finetune
 import pretrain
-from model import PixelNormalize, PretrainModel, build_pretrain_model, load_exported
+from config import Config, main_guard
+from encoders import PixelNormalize
+from model import PretrainModel, build_pretrain_model, load_exported
 from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +75,7 @@ def trained(tmp_path_factory):
                                    f"--vision_tower={vision_dir}"])
     ckpt = torch.load(engine.latest_checkpoint(run_dir), weights_only=True)
     assert set(ckpt["tower_configs"]) == {"text", "vision"}
-    cfg = engine.Config(**ckpt["config"])
+    cfg = Config(**ckpt["config"])
     reference = build_pretrain_model(cfg, len(data.synthetic_tokenizer()))
     reference.load_state_dict(ckpt["model"])
     shutil.rmtree(root / "towers")  # from here on, nothing may need the towers' source
@@ -131,7 +133,7 @@ def test_image_processor_crops_as_the_run_does():
 
 def test_load_exported_gives_the_same_model(trained, tmp_path):
     run_dir, reference, cfg, _ = trained
-    engine.main_guard(lambda: export.main([str(run_dir), "--out", str(tmp_path / "exported")]))
+    main_guard(lambda: export.main([str(run_dir), "--out", str(tmp_path / "exported")]))
     model, saved_config = load_exported(tmp_path / "exported")
     assert saved_config["text_tower"] == cfg.text_tower and not model.training
     batch = fixed_batch(cfg, len(data.synthetic_tokenizer()))
@@ -215,7 +217,7 @@ def test_export_refuses_bad_input_in_one_line(trained, tmp_path, capsys):
     for argv, message in (([str(run_dir), f"--out={tmp_path / 'taken'}"], "already exists"),
                           ([str(run_dir)], "usage: export.py"), ([str(run_dir), "--out"], "usage: export.py")):
         with pytest.raises(SystemExit) as exit_status:
-            engine.main_guard(lambda: export.main(argv))
+            main_guard(lambda: export.main(argv))
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_status.value.code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "a").exists() and not list((tmp_path / "taken").iterdir())

@@ -24,10 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import batching
 import data
 import engine
 import pretrain
 import processes
+import world
+from config import Config, main_guard
 from test_engine import FakeLoader, TinyRegressor, prepare_batch, single_process, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +56,8 @@ FAULTY_PRETRAIN = f"""
 import io, os, signal, sys, time
 sys.path.insert(0, {str(REPO)!r})
 import torch
-import engine, pretrain
+import pretrain
+from config import main_guard
 
 if os.environ.get("SLOW_SAVE"):  # write each checkpoint in two halves with a pause, so a kill can land mid-write
     real_save = torch.save
@@ -85,7 +89,7 @@ if os.environ.get("RANK") == os.environ.get("KILL_RANK") and os.environ.get("TOR
 
     pretrain.make_prepare_batch = make_dying
 
-engine.main_guard(lambda: pretrain.main(sys.argv[1:]))
+main_guard(lambda: pretrain.main(sys.argv[1:]))
 """
 
 
@@ -93,14 +97,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def world_config(data_root):
-    return engine.Config(data_root=str(data_root), corpora=["synthetic"], synthetic_images=16,
+    return Config(data_root=str(data_root), corpora=["synthetic"], synthetic_images=16,
                          synthetic_image_size=32, image_size=32)
 
 
 @pytest.fixture(scope="module")
 def clean_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("clean")
-    data.ensure_synthetic_world(world_config(root))
+    world.ensure_synthetic_world(world_config(root))
     return root
 
 
@@ -151,7 +155,7 @@ def assert_complete_and_finite(out_dir):
 def guarded_main(args):
     """pretrain.py's main as the command line runs it, expected to fail: its exit status."""
     with pytest.raises(SystemExit) as exit_info:
-        engine.main_guard(lambda: pretrain.main(args))
+        main_guard(lambda: pretrain.main(args))
     return exit_info.value.code
 
 
@@ -297,7 +301,7 @@ def test_a_dying_rank_makes_torchrun_restart_the_group_from_the_last_checkpoint(
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log if "split" not in r] == [2, 4, 6, 8, 10]
     # the skipped images of both ranks reach the log: 10 steps x 4 samples, the first 20 global micro-batches
-    sampler = data.MicroBatchSampler(len(training_set(data_root)), 2, rank=0, world_size=1, seed=engine.Config().seed)
+    sampler = batching.MicroBatchSampler(len(training_set(data_root)), 2, rank=0, world_size=1, seed=Config().seed)
     first_samples = [i for batch in list(sampler)[:20] for i in batch]
     expected = bad_items(data_root, first_samples)
     assert sum(r.get("skipped_images", 0) for r in log) == len(expected) == 3  # met by rank 0 and by rank 1

@@ -15,10 +15,11 @@ from transformers import BertConfig, BertModel, LxmertConfig
 from transformers.models.lxmert.modeling_lxmert import LxmertXLayer
 
 import data
-import engine
-from model import (LxmertCrossModalLayer, OneTowerEncoder, PatchEmbeddings, PretrainModel, TaskModel, TextEmbeddings,
-                   TwoTowerEncoder, apply_freezing, build_encoder, build_pretrain_model,
-                   enable_gradient_checkpointing, parameter_summary)
+from config import Config, ConfigError, KEY_TYPES, load_config, validate
+from encoders import (LxmertCrossModalLayer, OneTowerEncoder, PatchEmbeddings, TextEmbeddings, TwoTowerEncoder,
+                      build_encoder)
+from model import (PretrainModel, TaskModel, apply_freezing, build_pretrain_model, enable_gradient_checkpointing,
+                   parameter_summary)
 from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +139,7 @@ def test_lxmert_two_tower_keeps_the_contract_freezing_checkpointing_and_cpu_drop
 def frozen_base_model(layer_type):
     """frozen_base's trainable part at its exact sizes: ELECTRA-Base and ViT-Base widths (768), 10 cross-modal
     layers of 256, BERT's 30,522 word pieces. Frozen towers count for nothing trainable, so they get one layer."""
-    cfg = engine.Config(text_tower="electra", text_hidden_size=768, text_layers=1, text_heads=12,
+    cfg = Config(text_tower="electra", text_hidden_size=768, text_layers=1, text_heads=12,
                         text_embedding_size=768, vision_tower="vit", vision_hidden_size=768, vision_layers=1,
                         vision_heads=12, patch_size=16, cross_layers=10, cross_hidden=256, cross_heads=4,
                         cross_layer_type=layer_type, freeze_text=True, freeze_vision=True, device="cpu")
@@ -284,8 +285,8 @@ def test_crop_transform_resizes_the_shorter_side_and_centre_crops():
 
 
 def test_crop_refused_for_box_tasks():
-    with pytest.raises(engine.ConfigError, match="image_resize"):
-        engine.validate(engine.Config(task="refcoco", image_resize="crop"))
+    with pytest.raises(ConfigError, match="image_resize"):
+        validate(Config(task="refcoco", image_resize="crop"))
 
 
 # -----------------------------------------------------------------------------
@@ -326,16 +327,16 @@ def test_paper_configs_resolve_to_the_differences_table():
     assert {"onetower_embeddings", "cross_layer_type", "whole_word_mask", "max_text_len", "eps", "grad_clip",
             "image_resize", "image_mean", "frozen_dropout", "vision_tower", "max_steps", "lr_mult_cross",
             "lr_mult_heads", "image_size"} <= {r[2].strip("`") for r in rows}
-    defaults = engine.Config()
+    defaults = Config()
     resolved = {}
     checked = 0
     for what, default, key_cell, paper in rows:
         key = key_cell.strip("`")
-        assert key in engine.KEY_TYPES, f"{what}: unknown key {key}"
-        assert getattr(defaults, key) == literal(default), f"{what}: README default of {key} is not engine.Config's"
+        assert key in KEY_TYPES, f"{what}: unknown key {key}"
+        assert getattr(defaults, key) == literal(default), f"{what}: README default of {key} is not config.Config's"
         for name, value in paper_config_values(paper).items():
             if name not in resolved:
-                resolved[name] = engine.load_config([str(ROOT / "configs" / name)])
+                resolved[name] = load_config([str(ROOT / "configs" / name)])
             got = getattr(resolved[name], key)
             assert got == (tuple(value) if isinstance(got, tuple) else value), f"{name}: {key}={got!r}, README {value!r}"
             checked += 1

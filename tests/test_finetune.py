@@ -16,12 +16,14 @@ import pytest
 import torch
 from transformers import BeitConfig, BeitModel
 
+import batching
 import data
 import engine
 import evaluate
 import finetune
 import processes
 import tasks
+from config import load_config
 from model import build_pretrain_model, resize_position_embeddings
 from tasks.common import unused_modules
 from tasks.vqa import vqa_score
@@ -365,7 +367,7 @@ TASK_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if "\ntask
 
 @pytest.mark.parametrize("config", TASK_CONFIGS)
 def test_task_configs_load_and_name_a_task(config):
-    cfg = engine.load_config([str(ROOT / "configs" / config)])  # the config runs, every key it sets exists
+    cfg = load_config([str(ROOT / "configs" / config)])  # the config runs, every key it sets exists
     task = tasks.get_task(cfg.task)
     assert cfg.out_dir.startswith("out/") and not cfg.init_from
     assert cfg.synthetic_task == config.startswith("synthetic_")
@@ -392,7 +394,7 @@ def test_fine_tuning_skips_counts_and_logs_bad_training_images(tmp_path):
     (image_dir / f"{missing}.jpg").unlink()
     (image_dir / f"{corrupt}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG after all")
     micro = 16
-    sampler = data.MicroBatchSampler(len(train), micro, 0, 1, 0)  # the run's first epoch, seed 0
+    sampler = batching.MicroBatchSampler(len(train), micro, 0, 1, 0)  # the run's first epoch, seed 0
     sampler.set_epoch(0)
     seen = [i for batch in sampler for i in batch]
     expected = sum(int(train.image_ids[i]) in (missing, corrupt) for i in seen)

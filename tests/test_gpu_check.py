@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
 import gpu_check
+from config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_without_a_gpu_it_says_so_and_exits_0():
 
 def test_unknown_check_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # refused before any GPU work
-    with pytest.raises(engine.ConfigError, match=r"unknown checks \['flash'\]"):
+    with pytest.raises(ConfigError, match=r"unknown checks \['flash'\]"):
         gpu_check.main(["--only=flash"])
 
 

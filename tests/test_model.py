@@ -1,4 +1,4 @@
-"""model.py: shapes, masks, tower loading, freezing, gradient checkpointing, checked loading, DDP."""
+"""towers.py, encoders.py, model.py: shapes, masks, tower loading, freezing, gradient checkpointing, checked loading, DDP."""
 
 import os
 import socket
@@ -12,11 +12,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, ResNetConfig, ViTConfig, ViTModel
 
-from model import (Embedded, EncoderOutput, MLMHead, OneTowerEncoder, PretrainModel, TaskModel, TowerLoadError,
-                   TwoTowerEncoder, apply_freezing, build_encoder, build_pretrain_model, enable_gradient_checkpointing,
-                   load_checked, load_tower, parameter_summary)
+from encoders import Embedded, EncoderOutput, OneTowerEncoder, TwoTowerEncoder, build_encoder
+from model import (MLMHead, PretrainModel, TaskModel, apply_freezing, build_pretrain_model,
+                   enable_gradient_checkpointing, load_checked, parameter_summary)
 from processes import join_spawned
 from tiny import tiny_config
+from towers import TowerLoadError, load_tower
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 60
@@ -179,9 +180,9 @@ def test_unreachable_hub_fails_within_seconds_saying_what_to_do(tmp_path):
     over 20 s): one request, no retries, and the way out. Timed in the child after its imports."""
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens on port 9
-    code = ("import time, engine, model\nstart = time.monotonic()\n"
-            "try:\n    model.load_tower(engine.Config(), 'text')\n"
-            "except model.TowerLoadError as e:\n    print(time.monotonic() - start)\n    print(e)\n")
+    code = ("import time, towers\nfrom config import Config\nstart = time.monotonic()\n"
+            "try:\n    towers.load_tower(Config(), 'text')\n"
+            "except towers.TowerLoadError as e:\n    print(time.monotonic() - start)\n    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     seconds, message = done.stdout.strip().split("\n")

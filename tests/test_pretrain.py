@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import batching
 import data
 import engine
 import pretrain
 import processes
-from model import PretrainModel, apply_freezing, build_encoder, build_pretrain_model
+from config import ConfigError, load_config
+from encoders import build_encoder
+from model import PretrainModel, apply_freezing, build_pretrain_model
 from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +67,7 @@ def test_run_directory_and_log(tmp_path, data_root):
     assert [r["step"] for r in val] == [3, 6]
     assert all({"mlm_acc", "itm_acc"} <= set(r) for r in val)
     # the schedule counts optimizer steps (two micro-batches each here), not micro-batches
-    cfg = engine.load_config(TINY_RUN)
+    cfg = load_config(TINY_RUN)
     assert [r["lr"] for r in train] == pytest.approx([engine.lr_at(s - 1, cfg) for s in range(1, 7)])
     assert sorted(p.name for p in Path(out).glob("ckpt_*.pt")) == ["ckpt_3.pt", "ckpt_6.pt"]
 
@@ -205,8 +208,8 @@ def test_compiling_pads_captions_to_max_text_len():
     items = [{"caption": caption, "image": torch.zeros(3, 4, 4), "image_id": i}
              for i, caption in enumerate(["a red circle", "a small blue square left of a green triangle"])]
     tokenizer = data.synthetic_tokenizer()
-    plain = data.PretrainCollator(tokenizer, max_text_len=16)(items)
-    fixed = data.PretrainCollator(tokenizer, max_text_len=16, fixed_length=True)(items)
+    plain = batching.PretrainCollator(tokenizer, max_text_len=16)(items)
+    fixed = batching.PretrainCollator(tokenizer, max_text_len=16, fixed_length=True)(items)
     assert plain["input_ids"].shape[1] < 16 and fixed["input_ids"].shape == (2, 16)
     assert torch.equal(fixed["input_ids"][:, :plain["input_ids"].shape[1]], plain["input_ids"])
     assert fixed["special_tokens_mask"][:, plain["input_ids"].shape[1]:].all()
@@ -287,7 +290,7 @@ def test_lr_multiplier_of_a_missing_group_on_the_command_line_is_refused(data_ro
     two_tower = build_pretrain_model(tiny_config(lr_mult_cross=2.0), 50)
     assert engine.lr_scales(tiny_config(lr_mult_cross=2.0), two_tower, {"lr_mult_cross": 2.0}) == {
         "cross_modal": 2.0, "heads": 5.0}
-    with pytest.raises(engine.ConfigError, match="lr_mult_cross is set on the command line, but this one_tower "
+    with pytest.raises(ConfigError, match="lr_mult_cross is set on the command line, but this one_tower "
                                                  "model has no 'cross_modal' group"):
         pretrain.main([*TINY_RUN, "--model_type=one_tower", "--lr_mult_cross=2", f"--data_root={data_root}",
                        f"--out_dir={tmp_path / 'run'}"])

@@ -1,10 +1,10 @@
-"""The README stays true: its config reference is the one generated from engine.Config, and the commands it
+"""The README stays true: its config reference is the one generated from config.Config, and the commands it
 promises name files that exist."""
 
 import re
 from pathlib import Path
 
-import engine
+from config import KEY_TYPES, config_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -13,12 +13,12 @@ README = (ROOT / "README.md").read_text()
 def test_config_reference_matches_the_defaults():
     start = README.index("<!-- config-reference")
     table = README[README.index("\n", start) + 1:README.index("<!-- end config-reference -->")].strip()
-    assert table == engine.config_reference(), "README config reference is stale: paste `python engine.py` output"
+    assert table == config_reference(), "README config reference is stale: paste `python config.py` output"
 
 
 def test_every_key_has_a_comment():
-    documented = set(re.findall(r"^\| `(\w+)` \|", engine.config_reference(), re.M))
-    assert documented == set(engine.KEY_TYPES)
+    documented = set(re.findall(r"^\| `(\w+)` \|", config_reference(), re.M))
+    assert documented == set(KEY_TYPES)
 
 
 def test_commands_name_existing_files():

@@ -15,10 +15,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import batching
 import data
 import engine
 import pretrain
-from model import PretrainModel, build_encoder, build_pretrain_model
+import world
+from config import ConfigError, load_config, validate
+from encoders import build_encoder
+from model import PretrainModel, build_pretrain_model
 from test_pretrain import NO_DROPOUT, TINY_RUN, WITH_DROPOUT, crash_then_resume, final_weights, read_log
 from tiny import tiny_config
 
@@ -119,10 +123,10 @@ def test_shuffle_buffer_keeps_every_item_and_mixes_beyond_its_size():
 def test_text_stream_resumes_exactly(tmp_path):
     (tmp_path / "t.txt").write_text("".join(f"sentence {i}\n" for i in range(40)))
     stream = data.CaptionStream([data.TextLines(tmp_path / "t.txt")])
-    collate = data.TextCollator(data.synthetic_tokenizer(), 8)
+    collate = batching.TextCollator(data.synthetic_tokenizer(), 8)
     for num_workers in (0, 2):
         def make():
-            return data.ResumableLoader(stream, 3, rank=0, world_size=1, seed=2, collate=lambda items: [
+            return batching.ResumableLoader(stream, 3, rank=0, world_size=1, seed=2, collate=lambda items: [
                 item["text"] for item in items], num_workers=num_workers)
         reference = iter(make())
         batches = [next(reference) for _ in range(17)]  # 13 batches an epoch: into the second epoch
@@ -140,61 +144,61 @@ def test_text_stream_resumes_exactly(tmp_path):
 
 def test_synthetic_text_corpus_is_deterministic_in_vocabulary_and_longer_than_captions(tmp_path):
     cfg = tiny_config(data_root=str(tmp_path), synthetic_text_lines=300, synthetic_seed=5)
-    path = data.ensure_synthetic_text(cfg)
+    path = world.ensure_synthetic_text(cfg)
     lines = path.read_text().splitlines()
     assert len(lines) == 300 and len(set(lines)) > 250
     again = tmp_path / "again"
-    data.generate_synthetic_text(again, 300, seed=5, image_size=cfg.synthetic_image_size)
+    world.generate_synthetic_text(again, 300, seed=5, image_size=cfg.synthetic_image_size)
     assert (again / "corpus.txt").read_text() == path.read_text()
     tokenizer = data.synthetic_tokenizer()
     ids = tokenizer(lines)["input_ids"]
     assert not any(tokenizer.unk_token_id in row for row in ids)
     rng = np.random.default_rng(0)
-    captions = [c for _ in range(100) for c in data.describe_scene(data.sample_scene(rng, 64), 64, rng)]
+    captions = [c for _ in range(100) for c in world.describe_scene(world.sample_scene(rng, 64), 64, rng)]
     caption_tokens = np.mean([len(row) for row in tokenizer(captions)["input_ids"]])
     assert np.mean([len(row) for row in ids]) > 2 * caption_tokens
     assert all(line.startswith("there ") and line.count(",") + line.count(" and ") >= 1 for line in lines)
     with pytest.raises(ValueError, match="text generated with .* config asks for"):
-        data.ensure_synthetic_text(tiny_config(data_root=str(tmp_path), synthetic_text_lines=301, synthetic_seed=5))
+        world.ensure_synthetic_text(tiny_config(data_root=str(tmp_path), synthetic_text_lines=301, synthetic_seed=5))
 
 
 # -----------------------------------------------------------------------------
 # The schedule
 
 def test_steps_before_the_switch_are_text_only_and_after_it_mixed():
-    schedule = data.ImageTextSchedule(max_steps=1000, text_only_fraction=0.8, image_text_share=0.3, seed=7)
+    schedule = batching.ImageTextSchedule(max_steps=1000, text_only_fraction=0.8, image_text_share=0.3, seed=7)
     kinds = [schedule.kind(step) for step in range(1000)]
     assert schedule.switch_step == 800
     assert set(kinds[:800]) == {"text"} and set(kinds[800:]) == {"text", "image_text"}
     assert [schedule.phase(s) for s in (0, 799, 800, 999)] == ["text_only", "text_only", "image_text", "image_text"]
     # a function of (seed, step) alone: another instance, or steps asked in another order, agree
-    again = data.ImageTextSchedule(1000, 0.8, 0.3, 7)
+    again = batching.ImageTextSchedule(1000, 0.8, 0.3, 7)
     assert [again.kind(step) for step in reversed(range(1000))] == kinds[::-1]
-    assert [data.ImageTextSchedule(1000, 0.8, 0.3, 8).kind(s) for s in range(800, 1000)] != kinds[800:]
-    today = data.ImageTextSchedule(1000, 0.0, 1.0, 7)
+    assert [batching.ImageTextSchedule(1000, 0.8, 0.3, 8).kind(s) for s in range(800, 1000)] != kinds[800:]
+    today = batching.ImageTextSchedule(1000, 0.0, 1.0, 7)
     assert {today.kind(s) for s in range(1000)} == {"image_text"} and not today.uses_text
-    text_only = data.ImageTextSchedule(1000, 1.0, 0.5, 7)
+    text_only = batching.ImageTextSchedule(1000, 1.0, 0.5, 7)
     assert {text_only.kind(s) for s in range(1000)} == {"text"} and not text_only.uses_images
 
 
 @pytest.mark.parametrize("share", [0.1, 0.5, 0.8])
 def test_image_text_share_over_many_steps(share):
-    schedule = data.ImageTextSchedule(max_steps=1000, text_only_fraction=0.0, image_text_share=share, seed=3)
+    schedule = batching.ImageTextSchedule(max_steps=1000, text_only_fraction=0.0, image_text_share=share, seed=3)
     count = sum(schedule.kind(step) == "image_text" for step in range(1000))
     sd = (1000 * share * (1 - share)) ** 0.5
     assert abs(count - 1000 * share) < 4 * sd, count  # a binomial count, 4 standard deviations
 
 
 def test_schedule_keys_are_validated():
-    with pytest.raises(engine.ConfigError, match="text_only_fraction=0.5 .* text_corpora is empty"):
-        engine.validate(tiny_config(text_only_fraction=0.5))
-    with pytest.raises(engine.ConfigError, match="image_text_share=1.5 must lie in"):
-        engine.validate(tiny_config(image_text_share=1.5, text_corpora=["synthetic"]))
-    with pytest.raises(engine.ConfigError, match="mlm_weight=0"):
-        engine.validate(tiny_config(image_text_share=0.5, text_corpora=["synthetic"], mlm_weight=0.0))
-    with pytest.raises(engine.ConfigError, match="save_text_tower needs model_type='two_tower'"):
-        engine.validate(tiny_config(model_type="one_tower", save_text_tower="somewhere"))
-    engine.validate(tiny_config(text_corpora=["synthetic"]))  # text corpora with today's schedule: allowed, unused
+    with pytest.raises(ConfigError, match="text_only_fraction=0.5 .* text_corpora is empty"):
+        validate(tiny_config(text_only_fraction=0.5))
+    with pytest.raises(ConfigError, match="image_text_share=1.5 must lie in"):
+        validate(tiny_config(image_text_share=1.5, text_corpora=["synthetic"]))
+    with pytest.raises(ConfigError, match="mlm_weight=0"):
+        validate(tiny_config(image_text_share=0.5, text_corpora=["synthetic"], mlm_weight=0.0))
+    with pytest.raises(ConfigError, match="save_text_tower needs model_type='two_tower'"):
+        validate(tiny_config(model_type="one_tower", save_text_tower="somewhere"))
+    validate(tiny_config(text_corpora=["synthetic"]))  # text corpora with today's schedule: allowed, unused
 
 
 # -----------------------------------------------------------------------------
@@ -268,7 +272,7 @@ def test_log_says_the_phase_and_mix_and_the_lr_runs_on(tmp_path, data_root):
                                                                             (1, 0), (0, 1)]
     assert ["itm_loss" in r for r in train] == [False, False, True, False, True, False]
     assert all(r["loss"] == pytest.approx(r["mlm_loss"]) for r in train if "itm_loss" not in r)
-    cfg = engine.load_config(SWITCH_RUN)
+    cfg = load_config(SWITCH_RUN)
     assert [r["lr"] for r in train] == pytest.approx([engine.lr_at(s, cfg) for s in range(6)])
     assert [r["step"] for r in val] == [3, 6]
     # a line over several steps averages each loss over the steps that had it, and counts the mix

@@ -17,8 +17,9 @@ from torch.utils.data import ConcatDataset
 
 import engine
 import tasks
-from data import SHAPES, synthetic_tokenizer
-from model import build_encoder
+from config import load_config
+from data import synthetic_tokenizer
+from encoders import build_encoder
 from tasks.cifar10 import CIFAR10Dataset
 from tasks.common import Collator, format_malformed_rows, malformed_rows
 from tasks.glue import GLUE_FORMATS, GLUE_SYNTHETIC_SIZES, GLUEDataset, glue_metrics
@@ -32,6 +33,7 @@ from tasks.synthetic import SYNTHETIC_MARKER
 from tasks.vqa import (VQADataset, build_answer_vocab, heldout_split_by_image, normalize_answer, read_vqa_annotations,
                        vqa_accuracy, vqa_score, vqa_soft_score, write_vqa_results)
 from tiny import tiny_config
+from world import SHAPES
 
 
 def to_tensor(image):  # PIL RGB -> (3, H, W) uint8, so tests can check pixels
@@ -635,7 +637,7 @@ def cifar_batch(key_type, labels, seed):
 
 def write_cifar(root, writer, key_type):
     root.mkdir(parents=True, exist_ok=True)
-    writer(root / "batches.meta", {key_type("label_names"): [key_type(f"class{k}") for k in range(10)],
+    writer(root / "batching.meta", {key_type("label_names"): [key_type(f"class{k}") for k in range(10)],
                                    key_type("num_vis"): 3072})
     written = {}
     for k, name in enumerate([f"data_batch_{b}" for b in range(1, 6)] + ["test_batch"]):
@@ -890,7 +892,7 @@ def test_vqa_answer_vocabulary_source(synthetic_root):
     alone = synthetic_cfg(synthetic_root, vqa_min_answer_count=3)
     assert vqa.label_names(alone) == build_answer_vocab(train, 3) != vqa.label_names(both)
     # the paper config asks for the original's vocabulary
-    cfg = engine.load_config(["configs/vqa.py"])
+    cfg = load_config(["configs/vqa.py"])
     assert (cfg.vqa_answer_splits, cfg.vqa_min_answer_count) == (["train2014", "val2014"], 9)
 
 

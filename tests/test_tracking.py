@@ -12,9 +12,11 @@ import types
 
 import pytest
 
-import data
 import engine
+import files
 import pretrain
+import world
+from config import ConfigError, load_config, main_guard
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -49,15 +51,15 @@ def test_missing_tracker_package_stops_at_start_up_in_one_line(tmp_path, data_ro
     for tracker in ("tensorboard", "wandb"):
         out = tmp_path / tracker
         with pytest.raises(SystemExit) as exit_status:
-            engine.main_guard(lambda: pretrain.main(RUN + [f"--data_root={data_root}", f"--out_dir={out}",
+            main_guard(lambda: pretrain.main(RUN + [f"--data_root={data_root}", f"--out_dir={out}",
                                                            f"--trackers={tracker}"]))
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_status.value.code == 2 and len(lines) == 1, lines
         assert f"needs the {tracker} package" in lines[0] and "pip install" in lines[0]
         assert not out.exists()  # refused before any work
-    with pytest.raises(engine.ConfigError, match="'mlflow' is not one of tensorboard, wandb"):
-        engine.load_config(["--trackers=mlflow"])
-    assert engine.load_config([]).trackers == []  # no tracker, no package needed
+    with pytest.raises(ConfigError, match="'mlflow' is not one of tensorboard, wandb"):
+        load_config(["--trackers=mlflow"])
+    assert load_config([]).trackers == []  # no tracker, no package needed
 
 
 class FakeWandb(types.ModuleType):
@@ -131,7 +133,7 @@ class Terminal(io.StringIO):
 def test_progress_bar_only_on_a_terminal_on_rank_0(stderr, rank, enabled, shown, monkeypatch):
     monkeypatch.setattr(sys, "stderr", stderr)
     monkeypatch.setenv("RANK", rank)
-    assert list(data.progress(iter(range(7)), 7, "synthetic world", enabled=enabled)) == list(range(7))
+    assert list(files.progress(iter(range(7)), 7, "synthetic world", enabled=enabled)) == list(range(7))
     assert ("synthetic world" in stderr.getvalue() and "7/7" in stderr.getvalue()) == shown
     if not shown:
         assert stderr.getvalue() == ""
@@ -142,5 +144,5 @@ def test_long_steps_show_the_progress_bar(tmp_path, monkeypatch):
     stderr = Terminal()
     monkeypatch.setattr(sys, "stderr", stderr)
     monkeypatch.delenv("RANK", raising=False)
-    data.generate_synthetic_world(tmp_path / "world", 8, seed=0, image_size=32)
+    world.generate_synthetic_world(tmp_path / "world", 8, seed=0, image_size=32)
     assert "synthetic world" in stderr.getvalue() and "8/8" in stderr.getvalue()

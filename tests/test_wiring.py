@@ -16,11 +16,12 @@ import torch
 
 import data
 import tasks
+from encoders import OneTowerEncoder, TwoTowerEncoder, additive_mask, build_encoder
+from model import apply_freezing, build_pretrain_model
 from tasks.nlvr2 import NLVR2Model, nlvr2_consistency
-from tasks.retrieval import RetrievalModel, RetrievalSplit, retrieval_recall, retrieval_scores
 from tasks.refcoco import RefCOCOModel
+from tasks.retrieval import RetrievalModel, RetrievalSplit, retrieval_recall, retrieval_scores
 from tasks.vqa import vqa_score
-from model import OneTowerEncoder, TwoTowerEncoder, additive_mask, apply_freezing, build_encoder, build_pretrain_model
 from tiny import tiny_config
 
 VOCAB = 60

@@ -13,6 +13,7 @@ import engine
 import evaluate
 import pretrain
 import tasks
+from config import load_config
 import test_pretrain
 import zeroshot
 from model import build_pretrain_model
@@ -162,7 +163,7 @@ def test_lilt_trains_under_seven_percent_of_its_towers():
     """configs/dual_lilt.py at its towers' exact sizes (BERT-base, ViT-B/16), built from random init on the meta
     device (no download, no memory): under 7% of the parameters train, some in each tower."""
     from model import apply_freezing, parameter_summary
-    cfg = engine.load_config([str(ROOT / "configs" / "dual_lilt.py"), "--random_init_towers=true"])
+    cfg = load_config([str(ROOT / "configs" / "dual_lilt.py"), "--random_init_towers=true"])
     with torch.device("meta"):
         model = build_pretrain_model(cfg, 30522)  # bert-base-uncased's vocabulary
     apply_freezing(model, cfg)
@@ -176,7 +177,7 @@ def test_lilt_trains_under_seven_percent_of_its_towers():
 def test_fine_tuning_a_dual_encoder_on_retrieval_is_refused_in_one_line():
     """A pair head over a dual encoder's two separate embeddings would score w·t + u·v, which cannot rank
     captions against pictures: fine-tuning refuses it and points to zero-shot evaluation."""
-    from model import build_encoder
+    from encoders import build_encoder
     encoder = build_encoder(tiny_config(**DUAL), 60)
     for name in ("coco_retrieval", "f30k_retrieval"):
         with pytest.raises(ValueError, match="zero_shot=true") as err:

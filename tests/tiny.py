@@ -1,6 +1,6 @@
 """Tiny configurations shared by the tests: every tower built offline at hidden size 32."""
 
-import engine
+from config import Config
 
 TINY = dict(
     text_tower="bert", vision_tower="vit", tokenizer="synthetic",
@@ -15,4 +15,4 @@ DUAL_ENCODER = dict(model_type="dual_encoder", mlm_weight=0.0, itm_weight=0.0, i
 
 
 def tiny_config(**overrides):
-    return engine.Config(**{**TINY, **overrides})
+    return Config(**{**TINY, **overrides})
