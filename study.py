@@ -41,6 +41,8 @@ import time
 import traceback
 from pathlib import Path
 
+import torch.distributed as tdist
+
 import data
 import engine
 import evaluate
@@ -48,6 +50,7 @@ import export
 import finetune
 import pretrain
 import tasks as task_registry
+from config import KEY_TYPES, Config, ConfigError, load_config, main_guard
 from model import apply_freezing, build_pretrain_model, parameter_summary
 
 STUDY_KEYS = ("towers", "variants", "seeds", "tasks", "downstream", "compare", "headline", "quick")
@@ -68,19 +71,19 @@ def _exec_study_file(path, namespace):
     try:
         source = Path(path).read_text()
     except OSError as e:
-        raise engine.ConfigError(f"cannot read study file {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read study file {path}: {e.strerror}") from None
     try:
         code = compile(source, path, "exec")
     except SyntaxError as e:
-        raise engine.ConfigError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
+        raise ConfigError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
     namespace["include"] = lambda other: _exec_study_file(Path(path).parent / other, namespace)
     try:
         exec(code, namespace)
-    except engine.ConfigError:
+    except ConfigError:
         raise
     except Exception as e:
         lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == str(path)]
-        raise engine.ConfigError(f"{path}, line {lines[-1] if lines else '?'}: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{path}, line {lines[-1] if lines else '?'}: {type(e).__name__}: {e}") from None
 
 
 def load_study(path):
@@ -91,27 +94,27 @@ def load_study(path):
     study = {key: value for key, value in namespace.items() if not key.startswith("_") and key != "include"}
     for key in study:
         if key not in STUDY_KEYS:
-            raise engine.ConfigError(f"{path}: unknown study key '{key}' (known: {', '.join(STUDY_KEYS)})")
+            raise ConfigError(f"{path}: unknown study key '{key}' (known: {', '.join(STUDY_KEYS)})")
     study = {"towers": {}, "tasks": {}, "downstream": {}, "compare": [], "headline": {}, "quick": {}, **study}
     base = Path(path).resolve().parent
 
     def run_spec(key, name, spec, scripts=None):
-        bad = engine.ConfigError(f"{path}: {key}[{name!r}] must be {'(script, ' if scripts else '('}config path, "
+        bad = ConfigError(f"{path}: {key}[{name!r}] must be {'(script, ' if scripts else '('}config path, "
                                  f"{{key: value}}), got {spec!r}")
         if not isinstance(spec, tuple) or len(spec) != (3 if scripts else 2) or not isinstance(spec[-1], dict):
             raise bad
         if scripts and spec[0] not in scripts:
-            raise engine.ConfigError(f"{path}: {key}[{name!r}] runs {spec[0]!r}, not one of {', '.join(scripts)}")
+            raise ConfigError(f"{path}: {key}[{name!r}] runs {spec[0]!r}, not one of {', '.join(scripts)}")
         config = (base / spec[-2]).resolve()
         if not config.is_file():
-            raise engine.ConfigError(f"{path}: {key}[{name!r}] names {spec[-2]}, which is not a file")
+            raise ConfigError(f"{path}: {key}[{name!r}] names {spec[-2]}, which is not a file")
         return (*spec[:-2], str(config), spec[-1])
 
     for key in ("seeds", "variants"):
         if key not in study:
-            raise engine.ConfigError(f"{path}: the study sets no '{key}'")
+            raise ConfigError(f"{path}: the study sets no '{key}'")
     if not study["seeds"] or not all(type(seed) is int for seed in study["seeds"]):
-        raise engine.ConfigError(f"{path}: seeds must be a non-empty list of integers, got {study['seeds']!r}")
+        raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {study['seeds']!r}")
     study["towers"] = {name: run_spec("towers", name, spec, TRAINING) for name, spec in study["towers"].items()}
     study["variants"] = {name: [run_spec("variants", name, stage) for stage in
                                 (spec if isinstance(spec, list) else [spec])]
@@ -119,14 +122,14 @@ def load_study(path):
     study["tasks"] = {name: run_spec("tasks", name, spec) for name, spec in study["tasks"].items()}
     for name, spec in study["downstream"].items():
         if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict)):
-            raise engine.ConfigError(f"{path}: downstream[{name!r}] must be (task, {{key: value}}), got {spec!r}")
+            raise ConfigError(f"{path}: downstream[{name!r}] must be (task, {{key: value}}), got {spec!r}")
     for pair in study["compare"]:
         unknown = [v for v in pair if v not in study["variants"]] if isinstance(pair, tuple) and len(pair) == 2 \
             else [pair]
         if unknown:
-            raise engine.ConfigError(f"{path}: compare names {unknown[0]!r}, not a pair of variants")
+            raise ConfigError(f"{path}: compare names {unknown[0]!r}, not a pair of variants")
     if not study["tasks"] and not study["downstream"]:
-        raise engine.ConfigError(f"{path}: the study has neither tasks nor downstream evaluations")
+        raise ConfigError(f"{path}: the study has neither tasks nor downstream evaluations")
     return study
 
 
@@ -149,7 +152,7 @@ def overrides_argv(overrides, **places):
 def plan(study, out, quick=False, common=()):
     """Every run of the study, in order, as dicts: kind (tower, pretrain, finetune, downstream), name, variant,
     seed, script, argv, out_dir. Towers first, then per variant and seed its pretraining chain, fine-tuning
-    runs and zero-shot evaluations. Every argv is checked (engine.load_config) before anything runs."""
+    runs and zero-shot evaluations. Every argv is checked (load_config) before anything runs."""
     out = Path(out).resolve()
     towers_dir = out / "towers"
     quick_all = {**QUICK} if quick else {}
@@ -186,7 +189,7 @@ def plan(study, out, quick=False, common=()):
                                  argv=argv + list(common), out_dir=str(previous), task=task))
     for run in runs:  # every config resolves before any work: a bad key fails now, in one line
         if run["kind"] != "downstream":
-            run["config"] = engine.load_config(run["argv"])
+            run["config"] = load_config(run["argv"])
     return runs
 
 
@@ -206,7 +209,7 @@ def final_checkpoint_done(run):
 def metric_files(run):
     """The metrics files evaluate.py writes for a fine-tuning run or a zero-shot evaluation, one per split."""
     if run["kind"] == "downstream":
-        cfg, suffix = engine.load_config(run["argv"][1:]), "_zero_shot_metrics.json"
+        cfg, suffix = load_config(run["argv"][1:]), "_zero_shot_metrics.json"
     else:
         cfg, suffix = run["config"], "_metrics.json"
     task = task_registry.get_task(cfg.task)
@@ -242,8 +245,8 @@ def execute(run, log):
         log(f"export.py {run['out_dir']} --out {run['export']}")
         if is_master():
             export.export(run["out_dir"], run["export"])
-        while not Path(run["export"]).is_dir():  # the other processes wait for the master's export (renamed into place)
-            time.sleep(0.5)
+        if tdist.is_initialized():  # the next run reads the towers on every process
+            tdist.barrier()
         left = True
     if run["kind"] in ("finetune", "downstream") and not all(path.is_file() for path in metric_files(run)):
         log(f"evaluate.py {' '.join(run['argv'] if run['kind'] == 'downstream' else [run['out_dir']])}")
@@ -322,7 +325,7 @@ def parameter_counts(run_dir):
     """(trainable, total) parameters of a pretraining run, as its own start-up counted them: the model rebuilt from
     the final checkpoint's config and tower configs, with its freezing applied."""
     checkpoint = engine.read_checkpoint(engine.latest_checkpoint(run_dir), mmap=True)
-    cfg = engine.Config(**{k: v for k, v in checkpoint["config"].items() if k in engine.KEY_TYPES})
+    cfg = Config(**{k: v for k, v in checkpoint["config"].items() if k in KEY_TYPES})
     model = build_pretrain_model(cfg, len(data.build_tokenizer(cfg)), checkpoint.get("tower_configs"))
     apply_freezing(model, cfg)
     _, trainable, total = parameter_summary(model)[-1]
@@ -527,13 +530,14 @@ def main(argv):
     log = (lambda line: print(f"[study] {line}", flush=True)) if master else (lambda line: None)
     log(f"{len(runs)} runs in {out}")
     start = time.time()
-    ran = 0
-    for run in runs:
-        ran += execute(run, log)
+    # one process group for every run (engine.setup_distributed: the runs' own calls share it)
+    engine.setup_distributed(next(run["config"] for run in runs if "config" in run))
+    ran = sum(execute(run, log) for run in runs)
+    engine.cleanup_distributed()
     log(f"{ran} runs done this session, {len(runs) - ran} already done; {time.time() - start:.0f} s")
     if master:
         write_results(study, runs, out, study_path)
 
 
 if __name__ == "__main__":
-    engine.main_guard(lambda: main(sys.argv[1:]))
+    main_guard(lambda: main(sys.argv[1:]))
