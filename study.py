@@ -95,7 +95,8 @@ def load_study(path):
     for key in study:
         if key not in STUDY_KEYS:
             raise ConfigError(f"{path}: unknown study key '{key}' (known: {', '.join(STUDY_KEYS)})")
-    study = {"towers": {}, "tasks": {}, "downstream": {}, "compare": [], "headline": {}, "quick": {}, **study}
+    study = {"towers": {}, "tasks": {}, "downstream": {}, "compare": [], "headline": {}, "quick": {}, **study,
+             "path": str(path)}
     base = Path(path).resolve().parent
 
     def run_spec(key, name, spec, scripts=None):
@@ -188,8 +189,14 @@ def plan(study, out, quick=False, common=()):
                 runs.append(dict(kind="downstream", name=name, variant=variant, seed=seed, script="evaluate",
                                  argv=argv + list(common), out_dir=str(previous), task=task))
     for run in runs:  # every config resolves before any work: a bad key fails now, in one line
-        if run["kind"] != "downstream":
-            run["config"] = load_config(run["argv"])
+        try:
+            if run["kind"] == "downstream":
+                load_config(run["argv"][1:])
+            else:
+                run["config"] = load_config(run["argv"])
+        except ConfigError as e:
+            where = f"tower {run['name']!r}" if run["kind"] == "tower" else f"variant {run['variant']!r}, {run['name']}"
+            raise ConfigError(f"{study['path']}: {where}: {e}") from None
     return runs
 
 
