@@ -2,13 +2,15 @@
 aggregate into a results folder: every run's metrics (results.json), mean ± 95% confidence intervals over seeds
 (results.md), paired comparisons of variants, training curves and bar charts (PNG, with matplotlib).
 
-    python study.py studies/synthetic_freezing.py [--quick] [--out results/synthetic_freezing] [--key=value ...]
+    python study.py studies/synthetic_freezing.py [--quick] [--out results/synthetic_freezing] [--towers DIR]
+                    [--key=value ...]
     torchrun --standalone --nproc_per_node=2 study.py studies/synthetic_freezing.py
 
 A study file is Python assignments, like a config file (names starting with "_" are its own helpers):
 
     towers = {"text": ("pretrain", "../configs/synthetic_text_tower.py", {})}   made first, each exported
-        (export.py) to OUT/towers/<name>: text_tower/, vision_tower/, tokenizer/
+        (export.py) to TOWERS/<name>: text_tower/, vision_tower/, tokenizer/ (TOWERS: --towers, or OUT/towers;
+        studies that start from the same towers can share them)
     variants = {"none": ("../configs/quickstart.py", {"freeze_text": False}), ...}   what is pretrained; a list
         of such pairs is a chain of runs, each starting where the one before left off
     seeds = [0, 1, 2]
@@ -21,7 +23,7 @@ A study file is Python assignments, like a config file (names starting with "_" 
         evaluation's metrics on its first split)
     quick = {"text_hidden_size": 32}   extra overrides of the tower and pretraining runs under --quick
 
-Config paths are relative to the study file. In override values "{towers}" is OUT/towers, "{run}" the run's
+Config paths are relative to the study file. In override values "{towers}" is TOWERS, "{run}" the run's
 own directory and "{previous}" the directory of the run before it in a chain. Command-line --key=value pairs
 (--data_root=/data, --device=cuda) go to every run. Runs live under OUT/runs/<variant>/seed<k>/.
 
@@ -58,7 +60,8 @@ TRAINING = {"pretrain": pretrain.main, "finetune": finetune.main}
 # --quick: a few steps at batch 8 on a tiny synthetic world, for every run
 QUICK = dict(max_steps=2, warmup_steps=1, batch_size=8, micro_batch_size=4, log_interval=1, eval_interval=2,
              eval_batches=1, ckpt_interval=2, num_workers=0, synthetic_images=40, synthetic_image_size=32,
-             image_size=32, synthetic_text_lines=200, retrieval_negatives=3, eval_pairs_batch=256)
+             image_size=32, synthetic_text_lines=200, retrieval_negatives=3, eval_pairs_batch=256,
+             data_root="data/quick_studies")  # a world of its own: the world's settings are part of it
 
 
 # -----------------------------------------------------------------------------
@@ -150,18 +153,19 @@ def overrides_argv(overrides, **places):
     return [f"--{key}={value(v)}" for key, v in overrides.items()]
 
 
-def plan(study, out, quick=False, common=()):
+def plan(study, out, quick=False, common=(), towers_dir=None):
     """Every run of the study, in order, as dicts: kind (tower, pretrain, finetune, downstream), name, variant,
-    seed, script, argv, out_dir. Towers first, then per variant and seed its pretraining chain, fine-tuning
-    runs and zero-shot evaluations. Every argv is checked (load_config) before anything runs."""
+    seed, script, argv, out_dir. Towers first (trained in towers_dir/runs, exported to towers_dir/<name>; default
+    OUT/towers), then per variant and seed its pretraining chain, fine-tuning runs and zero-shot evaluations. Every
+    argv is checked (load_config) before anything runs."""
     out = Path(out).resolve()
-    towers_dir = out / "towers"
+    towers_dir = Path(towers_dir).resolve() if towers_dir else out / "towers"
     quick_all = {**QUICK} if quick else {}
     quick_pretrain = {**quick_all, **study["quick"]} if quick else {}
     seeds = study["seeds"][:1] if quick else study["seeds"]
     runs = []
     for name, (script, config, overrides) in study["towers"].items():
-        run_dir = out / "runs" / "towers" / name
+        run_dir = towers_dir / "runs" / name
         argv = [config] + overrides_argv({**overrides, **quick_pretrain, "out_dir": "{run}"}, towers=towers_dir,
                                          run=run_dir)
         runs.append(dict(kind="tower", name=name, variant=None, seed=None, script=script, argv=argv + list(common),
@@ -505,34 +509,37 @@ def write_results(study, runs, out, study_path):
 # -----------------------------------------------------------------------------
 
 
+USAGE = "usage: study.py STUDY.py [--quick] [--out DIR] [--towers DIR] [--key=value ...]"
+
+
 def parse_args(argv):
-    """(study file, out dir or None, quick, --key=value overrides for every run)."""
-    args, study_path, out, quick, common = list(argv), None, None, False, []
+    """(study file, {"out": DIR, "towers": DIR} as given, quick, --key=value overrides for every run)."""
+    args, study_path, folders, quick, common = list(argv), None, {}, False, []
     while args:
         arg = args.pop(0)
+        name = arg.removeprefix("--").split("=")[0]
         if arg == "--quick":
             quick = True
-        elif arg == "--out" and args:
-            out = args.pop(0)
-        elif arg.startswith("--out="):
-            out = arg.removeprefix("--out=")
+        elif arg in ("--out", "--towers") and args:
+            folders[name] = args.pop(0)
+        elif name in ("out", "towers") and "=" in arg:
+            folders[name] = arg.split("=", 1)[1]
         elif arg.startswith("--") and "=" in arg:
             common.append(arg)
         elif not arg.startswith("--") and study_path is None:
             study_path = arg
         else:
-            raise ValueError(f"unexpected argument {arg!r}; usage: study.py STUDY.py [--quick] [--out DIR] "
-                             "[--key=value ...]")
+            raise ValueError(f"unexpected argument {arg!r}; {USAGE}")
     if study_path is None:
-        raise ValueError("usage: study.py STUDY.py [--quick] [--out DIR] [--key=value ...]")
-    return study_path, out, quick, common
+        raise ValueError(USAGE)
+    return study_path, folders, quick, common
 
 
 def main(argv):
-    study_path, out, quick, common = parse_args(argv)
+    study_path, folders, quick, common = parse_args(argv)
     study = load_study(study_path)
-    out = Path(out or Path("results") / (Path(study_path).stem + ("_quick" if quick else ""))).resolve()
-    runs = plan(study, out, quick, common)
+    out = Path(folders.get("out") or Path("results") / (Path(study_path).stem + ("_quick" if quick else ""))).resolve()
+    runs = plan(study, out, quick, common, folders.get("towers"))
     master = is_master()
     log = (lambda line: print(f"[study] {line}", flush=True)) if master else (lambda line: None)
     log(f"{len(runs)} runs in {out}")

@@ -4,9 +4,10 @@
 #   python study.py studies/synthetic_onetower_init.py
 include("synthetic_common.py")
 _one_tower = dict(_pretrain, model_type="one_tower", onetower_embeddings="fresh", pooling="double")
+_text_tower_size = {key: _towers_size[key] for key in ("text_hidden_size", "text_heads")}  # and 2 layers, as quickstart
 variants = {
-    # the text tower's architecture at random: the stack the other two variants start from, without its weights
-    "random": ("../configs/quickstart.py", dict(_one_tower, onetower_stack="text")),
+    # the text tower's architecture at random: the stack the "text" variant starts from, without its weights
+    "random": ("../configs/quickstart.py", dict(_one_tower, onetower_stack="text", **_text_tower_size)),
     "text": ("../configs/quickstart.py", dict(_one_tower, onetower_stack="text", **_pretrained_text)),
     "vision": ("../configs/quickstart.py", dict(_one_tower, onetower_stack="vision", patch_size=-1,
                                                 **_pretrained_vision)),

@@ -250,15 +250,27 @@ def test_under_torchrun_every_run_shares_one_process_group(tmp_path, data_root):
     assert "nlvr2_acc (dev)" in results["variants"]["scratch"]["0"]["metrics"]["nlvr2"]
 
 
-def test_quick_lilt_study_reports_zero_shot_retrieval(tmp_path, data_root):
+def test_quick_lilt_study_reports_zero_shot_retrieval_from_shared_towers(freezing, tmp_path, data_root):
+    towers = all_files(freezing / "towers")
     study.main([str(ROOT / "studies" / "synthetic_lilt.py"), "--quick", "--out", str(tmp_path),
-                f"--data_root={data_root}"])
+                f"--towers={freezing / 'towers'}", f"--data_root={data_root}"])
+    assert all_files(freezing / "towers") == towers and not (tmp_path / "towers").exists()  # made once, shared
     results = json.loads((tmp_path / "results.json").read_text())
     shares = {v: seeds["0"]["trainable_params"] / seeds["0"]["total_params"] for v, seeds in results["variants"].items()}
     assert shares["full"] == 1.0 and all(shares[v] < 0.5 for v in ("layernorm", "bias", "adapter"))
     for seeds in results["variants"].values():
         assert set(seeds["0"]["metrics"]["retrieval"]) >= {"coco_tr_r1 (test)", "coco_ir_r1 (test)"}
     assert "| layernorm - full | retrieval: coco_tr_r1 (test) |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["synthetic_onetower_init", "synthetic_image_schedule"])
+def test_quick_study_runs_every_variant(name, freezing, tmp_path, data_root):
+    spec = study.load_study(ROOT / "studies" / f"{name}.py")
+    study.main([str(ROOT / "studies" / f"{name}.py"), "--quick", "--out", str(tmp_path),
+                f"--towers={freezing / 'towers'}", f"--data_root={data_root}"])
+    results = json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert list(results) == list(spec["variants"])
+    assert all(set(seeds["0"]["metrics"]) == set(spec["tasks"]) for seeds in results.values())
 
 
 # -----------------------------------------------------------------------------
