@@ -455,8 +455,10 @@ def results_markdown(study, results, study_path):
 
 
 def write_plots(study, results, out):
-    """training_curves.png (pretraining loss per variant: mean over seeds, band from lowest to highest) and one bar
-    chart per headline metric with 95% CI whiskers; returns the files written, or None without matplotlib."""
+    """training_curves.png (pretraining loss per variant: mean over seeds, band from lowest to highest), one bar chart
+    per headline metric with 95% CI whiskers and, when the variants train different shares of their parameters,
+    trainable_share.png (the share against each headline metric); returns the files written, or None without
+    matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -479,6 +481,10 @@ def write_plots(study, results, out):
     plt.close(figure)
     written.append(out / "training_curves.png")
     variants = list(results["variants"])
+    shares = [next(iter(seeds.values())) for seeds in results["variants"].values()]
+    shares = [entry["trainable_params"] / entry["total_params"] for entry in shares]
+    if len(set(shares)) > 1:  # variants that train different shares: the share against each headline metric
+        share_figure, share_axes = plt.subplots(figsize=(7, 4))
     for name, metric in headline_metrics(study, results):
         stats = [mean_ci(list(per_seed(results, v, name, metric).values())) for v in variants]
         figure, axes = plt.subplots(figsize=(1.2 * len(variants) + 2, 3.5))
@@ -489,6 +495,19 @@ def write_plots(study, results, out):
         figure.savefig(path, dpi=100)
         plt.close(figure)
         written.append(path)
+        if len(set(shares)) > 1:
+            share_axes.errorbar(shares, [s[0] for s in stats], yerr=[s[1] or 0.0 for s in stats], fmt="o", capsize=4,
+                                label=f"{name}: {metric}")
+    if len(set(shares)) > 1:
+        for variant, share in zip(variants, shares):
+            share_axes.annotate(variant, (share, share_axes.get_ylim()[0]), rotation=90, fontsize=8, va="bottom")
+        share_axes.set(xscale="log", xlabel="trainable share of parameters (pretraining)", ylabel="mean, 95% CI",
+                       title="trainable share against the headline metrics")
+        share_axes.legend(fontsize=8)
+        share_figure.tight_layout()
+        share_figure.savefig(out / "trainable_share.png", dpi=100)
+        plt.close(share_figure)
+        written.append(out / "trainable_share.png")
     return written
 
 

@@ -295,4 +295,5 @@ def test_plots_with_matplotlib(freezing, tmp_path):
     study.write_results(spec, study.plan(spec, freezing, quick=True), out, "synthetic_freezing.py")
     assert {p.name for p in out.glob("*.png")} == {"training_curves.png", "nlvr2_nlvr2_acc.png",
                                                    "snli_ve_snli_ve_acc.png", "refcoco_refcoco_acc.png",
-                                                   "retrieval_coco_tr_r1.png", "retrieval_coco_ir_r1.png"}
+                                                   "retrieval_coco_tr_r1.png", "retrieval_coco_ir_r1.png",
+                                                   "trainable_share.png"}
