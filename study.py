@@ -40,7 +40,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch.distributed as tdist
@@ -52,7 +51,7 @@ import export
 import finetune
 import pretrain
 import tasks as task_registry
-from config import KEY_TYPES, Config, ConfigError, load_config, main_guard
+from config import KEY_TYPES, Config, ConfigError, exec_assignments, load_config, main_guard
 from model import apply_freezing, build_pretrain_model, parameter_summary
 
 STUDY_KEYS = ("towers", "variants", "seeds", "tasks", "downstream", "compare", "headline", "quick")
@@ -68,32 +67,11 @@ QUICK = dict(max_steps=2, warmup_steps=1, batch_size=8, micro_batch_size=4, log_
 # The study file
 
 
-def _exec_study_file(path, namespace):
-    """Run a study file's assignments into `namespace`; include("other.py") (relative to this file) runs a shared
-    part at that point, as in config files."""
-    try:
-        source = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read study file {path}: {e.strerror}") from None
-    try:
-        code = compile(source, path, "exec")
-    except SyntaxError as e:
-        raise ConfigError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
-    namespace["include"] = lambda other: _exec_study_file(Path(path).parent / other, namespace)
-    try:
-        exec(code, namespace)
-    except ConfigError:
-        raise
-    except Exception as e:
-        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == str(path)]
-        raise ConfigError(f"{path}, line {lines[-1] if lines else '?'}: {type(e).__name__}: {e}") from None
-
-
 def load_study(path):
     """The study file's assignments, checked: {key: value} over STUDY_KEYS, config paths made absolute (they
     are relative to the study file's folder)."""
     namespace = {}
-    _exec_study_file(path, namespace)
+    exec_assignments(str(path), namespace, lambda *_: None, kind="study file")
     study = {key: value for key, value in namespace.items() if not key.startswith("_") and key != "include"}
     for key in study:
         if key not in STUDY_KEYS:
