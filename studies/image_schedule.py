@@ -3,6 +3,7 @@
 # the image-text run starts from (configs/schedule_*.py); then NLVR2, SNLI-VE and RefCOCO; 3 seeds. The synthetic
 # version (synthetic_image_schedule.py) is the one run here.
 #   torchrun --standalone --nproc_per_node=2 study.py studies/image_schedule.py --data_root=/data
+include("paper_tasks.py")
 variants = {
     "from_start": ("../configs/schedule_images_from_start.py", {}),
     "at_80": ("../configs/schedule_images_at_80.py", {}),
@@ -11,11 +12,4 @@ variants = {
         ("../configs/schedule_text_then_images.py", {"text_tower": "{previous}/text_tower"}),
     ],
 }
-seeds = [0, 1, 2]
-tasks = {
-    "nlvr2": ("../configs/nlvr2.py", {}),
-    "snli_ve": ("../configs/snli_ve.py", {}),
-    "refcoco": ("../configs/refcoco.py", {}),
-}
-headline = {"nlvr2": ["nlvr2_acc (dev)"], "snli_ve": ["snli_ve_acc (dev)"], "refcoco": ["refcoco_acc (val)"]}
 compare = [("at_80", "from_start"), ("text_then_images", "from_start"), ("at_80", "text_then_images")]

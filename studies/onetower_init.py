@@ -2,16 +2,10 @@
 # or from ViT (configs/onetower_*.py), pretrained with MLM + ITM on COCO + Visual Genome, then fine-tuned on NLVR2,
 # SNLI-VE and RefCOCO; 3 seeds. The synthetic version (synthetic_onetower_init.py) is the one run here.
 #   torchrun --standalone --nproc_per_node=2 study.py studies/onetower_init.py --data_root=/data
+include("paper_tasks.py")
 variants = {
     "random": ("../configs/onetower_random.py", {}),
     "bert": ("../configs/onetower_bert.py", {}),
     "vit": ("../configs/onetower_vit.py", {}),
 }
-seeds = [0, 1, 2]
-tasks = {
-    "nlvr2": ("../configs/nlvr2.py", {}),
-    "snli_ve": ("../configs/snli_ve.py", {}),
-    "refcoco": ("../configs/refcoco.py", {}),
-}
-headline = {"nlvr2": ["nlvr2_acc (dev)"], "snli_ve": ["snli_ve_acc (dev)"], "refcoco": ["refcoco_acc (val)"]}
 compare = [("bert", "random"), ("vit", "random")]

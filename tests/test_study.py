@@ -16,7 +16,8 @@ import study
 from tests import processes
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDIES = [path for path in sorted((ROOT / "studies").glob("*.py")) if path.name != "synthetic_common.py"]
+SHARED = ("synthetic_common.py", "paper_tasks.py")  # parts the study files include
+STUDIES = [path for path in sorted((ROOT / "studies").glob("*.py")) if path.name not in SHARED]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A study small enough to run twice in a test: a 32-wide quickstart model from scratch, one task, one seed
