@@ -222,7 +222,8 @@ def test_an_interrupted_study_finishes_from_its_checkpoints(tmp_path, data_root,
 
 def test_a_chained_variant_starts_from_the_text_tower_of_the_run_before(tmp_path, data_root):
     path = tmp_path / "chain.py"
-    path.write_text(TINY_STUDY.replace('"scratch": ("{ROOT}/configs/quickstart.py", dict(_small, max_steps=4, ckpt_interval=2))'.format(ROOT=ROOT), f"""
+    scratch = f'"scratch": ("{ROOT}/configs/quickstart.py", dict(_small, max_steps=4, ckpt_interval=2))'
+    path.write_text(TINY_STUDY.replace(scratch, f"""
     "text_then_images": [
         ("{ROOT}/configs/synthetic_schedule_text_only.py",
          dict(_small, max_steps=2, ckpt_interval=2, save_text_tower="{{run}}/text_tower")),
@@ -257,7 +258,8 @@ def test_quick_lilt_study_reports_zero_shot_retrieval_from_shared_towers(freezin
                 f"--towers={freezing / 'towers'}", f"--data_root={data_root}"])
     assert all_files(freezing / "towers") == towers and not (tmp_path / "towers").exists()  # made once, shared
     results = json.loads((tmp_path / "results.json").read_text())
-    shares = {v: seeds["0"]["trainable_params"] / seeds["0"]["total_params"] for v, seeds in results["variants"].items()}
+    shares = {variant: seeds["0"]["trainable_params"] / seeds["0"]["total_params"]
+              for variant, seeds in results["variants"].items()}
     assert shares["full"] == 1.0 and all(shares[v] < 0.5 for v in ("layernorm", "bias", "adapter"))
     for seeds in results["variants"].values():
         assert set(seeds["0"]["metrics"]["retrieval"]) >= {"coco_tr_r1 (test)", "coco_ir_r1 (test)"}
