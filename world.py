@@ -41,51 +41,76 @@ COLOURS = {
     "red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 100, 245),
     "yellow": (245, 225, 40), "purple": (175, 70, 235), "white": (245, 245, 245),
 }
-SIZES = {"small": 0.22, "large": 0.36}  # side of an object's square box, as a fraction of the image side
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
-RELATIONS = ("left of", "right of", "above", "below")
+SIZES = {"small": 0.22, "large": 0.34}  # side of an object's square box, as a fraction of the image side
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+RELATIONS = ("left of", "right of", "above", "below")  # where a is from b (spatial_relations)
+SIZE_RELATIONS = ("larger than", "smaller than")  # a's size against b's (relations)
+OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above",
+                     "larger than": "smaller than", "smaller than": "larger than"}
+POSITIONS = ("at the top left", "at the top", "at the top right", "on the left", "in the middle", "on the right",
+             "at the bottom left", "at the bottom", "at the bottom right")  # position_phrase's 3x3 grid
 # Every other word the caption templates below use; the synthetic tokenizer's vocabulary is built
 # from these constants, and a test checks that no caption tokenizes to [UNK].
-GRAMMAR_WORDS = ("a", "and", "are", "at", "bottom", "in", "is", "left", "middle", "of", "on", "right",
+GRAMMAR_WORDS = ("a", "and", "are", "at", "bottom", "in", "is", "left", "middle", "objects", "of", "on", "right",
                  "the", "there", "top", ",",
                  # the synthetic downstream tasks' statements, hypotheses and questions (tasks/)
                  "both", "colour", "heavy", "how", "image", "images", "many", "moving", "object", "shape",
                  "what", "where", "wooden", "?")
 BACKGROUND = (35, 35, 35)
-MAX_OBJECTS = 4
+MAX_OBJECTS = 5
+MAX_KINDS = 4  # kinds of object, (colour, shape), in one scene
+DISTRACTOR_PROBABILITY = 0.7  # that a scene's next kind shares its colour or its shape with a kind already in it
 CAPTIONS_PER_IMAGE = 5  # like COCO
 RENDER_SCALE = 4  # draw at 4x and downsample: anti-aliased edges without a slow renderer
 PLACEMENT_TRIES = 50
-WORLD_VERSION = 1  # bump when the generator changes, so an old world on disk is refused, not reused
+WORLD_VERSION = 2  # bump when the generator changes, so an old world on disk is refused, not reused
 
 
 def sample_scene(rng, image_size):
     """A random scene: list of objects {"shape", "colour", "size", "box": [x, y, w, h]} in pixels.
-    1-3 kinds of (shape, colour), each present 1-3 times (at most MAX_OBJECTS in all), boxes apart."""
+    1-4 kinds of (shape, colour), each present 1-3 times (at most MAX_OBJECTS in all), boxes apart. Each kind
+    after the first is, with DISTRACTOR_PROBABILITY, a distractor sharing its colour or its shape with a kind
+    already drawn (a red circle beside a red square and a blue circle), so that naming an object takes both
+    its attributes bound together, not either one alone."""
     shape_names, colour_names, size_names = list(SHAPES), list(COLOURS), list(SIZES)
-    num_kinds = int(rng.integers(1, 4))
-    kinds = rng.choice(len(shape_names) * len(colour_names), size=num_kinds, replace=False)
+    num_kinds = int(rng.choice([1, 2, 3, 4], p=[0.15, 0.35, 0.3, 0.2]))
+    kinds = []
+    while len(kinds) < num_kinds:
+        if kinds and rng.random() < DISTRACTOR_PROBABILITY:
+            colour, shape = kinds[int(rng.integers(len(kinds)))]
+            if rng.random() < 0.5:
+                colour = colour_names[int(rng.integers(len(colour_names)))]
+            else:
+                shape = shape_names[int(rng.integers(len(shape_names)))]
+        else:
+            colour = colour_names[int(rng.integers(len(colour_names)))]
+            shape = shape_names[int(rng.integers(len(shape_names)))]
+        if (colour, shape) not in kinds:
+            kinds.append((colour, shape))
     wanted = []
-    for kind in kinds:
-        count = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
-        wanted += [(shape_names[kind % len(shape_names)], colour_names[kind // len(shape_names)])] * count
+    for colour, shape in kinds:
+        wanted += [(shape, colour)] * int(rng.choice([1, 2, 3], p=[0.55, 0.3, 0.15]))
     objects = []
-    for shape, colour in wanted[:MAX_OBJECTS]:
+    for k in rng.permutation(len(wanted))[:MAX_OBJECTS]:  # a random subset when there are too many
+        shape, colour = wanted[k]
         size = size_names[int(rng.integers(len(size_names)))]
         side = round(SIZES[size] * image_size)
-        for _ in range(PLACEMENT_TRIES):
-            x, y = (int(v) for v in rng.integers(0, image_size - side + 1, size=2))
-            box = [x, y, side, side]
-            if not any(_boxes_touch(box, other["box"]) for other in objects):
-                objects.append({"shape": shape, "colour": colour, "size": size, "box": box})
-                break
+        corners = rng.integers(0, image_size - side + 1, size=(PLACEMENT_TRIES, 2))  # (tries, 2) x, y
+        free = np.ones(PLACEMENT_TRIES, dtype=bool)
+        for other in objects:
+            free &= ~_boxes_touch(corners, side, other["box"])
+        if free.any():  # the first free try; none free: the object is left out
+            x, y = (int(v) for v in corners[free.argmax()])
+            objects.append({"shape": shape, "colour": colour, "size": size, "box": [x, y, side, side]})
     return objects
 
 
-def _boxes_touch(a, b, gap=2):
-    """True when boxes [x, y, w, h] overlap or come closer than `gap` pixels."""
-    return (a[0] < b[0] + b[2] + gap and b[0] < a[0] + a[2] + gap
-            and a[1] < b[1] + b[3] + gap and b[1] < a[1] + a[3] + gap)
+def _boxes_touch(corners, side, box, gap=2):
+    """(N,) bool: whether each square at corners (N, 2) of the given side overlaps box [x, y, w, h] or comes
+    closer to it than `gap` pixels."""
+    x, y, w, h = box
+    return ((corners[:, 0] < x + w + gap) & (x < corners[:, 0] + side + gap)
+            & (corners[:, 1] < y + h + gap) & (y < corners[:, 1] + side + gap))
 
 
 def render_scene(objects, image_size):
@@ -132,15 +157,9 @@ def noun_phrase(obj, with_size=False):
 def position_phrase(obj, image_size):
     """Where the object's centre falls on a 3x3 grid: 'at the top left', 'on the right', 'in the middle'."""
     x, y, w, h = obj["box"]
-    row = ("top", "middle", "bottom")[min(2, int(3 * (y + h / 2) / image_size))]
-    column = ("left", "middle", "right")[min(2, int(3 * (x + w / 2) / image_size))]
-    if row == "middle" and column == "middle":
-        return "in the middle"
-    if row == "middle":
-        return f"on the {column}"
-    if column == "middle":
-        return f"at the {row}"
-    return f"at the {row} {column}"
+    row = min(2, int(3 * (y + h / 2) / image_size))
+    column = min(2, int(3 * (x + w / 2) / image_size))
+    return POSITIONS[3 * row + column]
 
 
 def spatial_relations(a, b):
@@ -149,6 +168,13 @@ def spatial_relations(a, b):
     (ax, ay, aw, ah), (bx, by, bw, bh) = a["box"], b["box"]
     holds = (ax + aw <= bx, bx + bw <= ax, ay + ah <= by, by + bh <= ay)
     return [relation for relation, true in zip(RELATIONS, holds) if true]
+
+
+def relations(a, b):
+    """spatial_relations, then 'larger than' / 'smaller than' when a and b differ in size."""
+    if a["size"] == b["size"]:
+        return spatial_relations(a, b)
+    return spatial_relations(a, b) + [SIZE_RELATIONS[SIZES[a["size"]] < SIZES[b["size"]]]]
 
 
 def count_phrase(count, colour, shape):
@@ -166,9 +192,121 @@ def scene_summary(objects):
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+# Statements: facts a scene makes true or false, as dicts that statement_text writes out and statement_holds
+# checks against a scene's objects. A statement's one-attribute variants (one_attribute_variants) change exactly
+# one of its colour, shape, size, position, count or relation: those a scene makes false are the hard negatives
+# of the downstream tasks, false captions worded like the true ones, so that only the picture tells them apart.
+#   {"type": "object", "colour", "shape": None (any) or a shape, "size": None or a size, "where": None or a POSITIONS
+#    phrase}
+#   {"type": "count", "colour": None or a colour, "shape": None or a shape, "count": 1-5}   (exactly that many)
+#   {"type": "relation", "a": {"colour", "shape"}, "relation": RELATIONS or SIZE_RELATIONS, "b": {"colour", "shape"}}
+
+
+def statement_text(statement):
+    """'there is a large red circle at the top', 'there are two red objects', 'a red circle is left of a blue
+    square'."""
+    if statement["type"] == "object":
+        size = f"{statement['size']} " if statement["size"] else ""
+        where = f" {statement['where']}" if statement["where"] else ""
+        return f"there is a {size}{statement['colour']} {statement['shape'] or 'object'}{where}"
+    if statement["type"] == "count":
+        count, colour, shape = statement["count"], statement["colour"], statement["shape"]
+        noun = (shape if count == 1 else SHAPES[shape]) if shape else ("object" if count == 1 else "objects")
+        colour = f"{colour} " if colour else ""
+        return f"there {'is' if count == 1 else 'are'} {NUMBER_WORDS[count]} {colour}{noun}"
+    return f"{noun_phrase(statement['a'])} is {statement['relation']} {noun_phrase(statement['b'])}"
+
+
+def _matches(obj, colour, shape):
+    return (colour is None or obj["colour"] == colour) and (shape is None or obj["shape"] == shape)
+
+
+def statement_holds(statement, objects, image_size):
+    """Whether the scene makes the statement true."""
+    if statement["type"] == "object":
+        return any(_matches(o, statement["colour"], statement["shape"])
+                   and statement["size"] in (None, o["size"])
+                   and statement["where"] in (None, position_phrase(o, image_size)) for o in objects)
+    if statement["type"] == "count":
+        return sum(_matches(o, statement["colour"], statement["shape"]) for o in objects) == statement["count"]
+    a, b = statement["a"], statement["b"]
+    return any(_matches(x, a["colour"], a["shape"]) and _matches(y, b["colour"], b["shape"])
+               and statement["relation"] in relations(x, y) for x in objects for y in objects if x is not y)
+
+
+def sample_statement(objects, image_size, rng, types=("object", "count", "relation")):
+    """A statement the scene makes true, of a type drawn from `types` (a relation needs two objects)."""
+    if len(objects) < 2:
+        types = [t for t in types if t != "relation"] or ["object"]
+    kind = types[int(rng.integers(len(types)))]
+    obj = objects[int(rng.integers(len(objects)))]
+    if kind == "object":
+        return {"type": "object", "colour": obj["colour"], "shape": obj["shape"],
+                "size": obj["size"] if rng.random() < 0.5 else None,
+                "where": position_phrase(obj, image_size) if rng.random() < 0.5 else None}
+    if kind == "count":
+        colour, shape = [(obj["colour"], obj["shape"]), (obj["colour"], None), (None, obj["shape"]),
+                         (None, None)][int(rng.choice(4, p=[0.4, 0.25, 0.25, 0.1]))]
+        return {"type": "count", "colour": colour, "shape": shape,
+                "count": sum(_matches(o, colour, shape) for o in objects)}
+    pairs = [(a, b, r) for a in objects for b in objects if a is not b for r in relations(a, b)]
+    a, b, relation = pairs[int(rng.integers(len(pairs)))]
+    return {"type": "relation", "relation": relation, "a": {"colour": a["colour"], "shape": a["shape"]},
+            "b": {"colour": b["colour"], "shape": b["shape"]}}
+
+
+def one_attribute_variants(statement):
+    """Every statement differing from `statement` in exactly one attribute, as (attribute, statement):
+    attribute is one of "colour", "shape", "size", "position", "count", "relation"."""
+    variants = []
+
+    def vary(attribute, path, values):
+        for value in values:
+            changed = {**statement, **({k: dict(v) for k, v in statement.items() if isinstance(v, dict)})}
+            target = changed if len(path) == 1 else changed[path[0]]
+            if target[path[-1]] != value:
+                target[path[-1]] = value
+                variants.append((attribute, changed))
+
+    if statement["type"] == "relation":
+        for side in ("a", "b"):
+            vary("colour", (side, "colour"), COLOURS)
+            vary("shape", (side, "shape"), SHAPES)
+        spatial = statement["relation"] in RELATIONS
+        vary("relation", ("relation",), RELATIONS if spatial else SIZE_RELATIONS)
+        return variants
+    if statement["colour"] is not None:
+        vary("colour", ("colour",), COLOURS)
+    if statement["shape"] is not None:
+        vary("shape", ("shape",), SHAPES)
+    if statement["type"] == "count":
+        vary("count", ("count",), NUMBER_WORDS)
+        return variants
+    if statement["size"] is not None:
+        vary("size", ("size",), SIZES)
+    if statement["where"] is not None:
+        vary("position", ("where",), POSITIONS)
+    return variants
+
+
+def false_variant(statement, objects, image_size, rng):
+    """(attribute, variant): a one-attribute variant of `statement` that the scene makes false, drawn with
+    every changed attribute equally likely; None if the scene makes every variant true."""
+    by_attribute = {}
+    for attribute, variant in one_attribute_variants(statement):
+        if not statement_holds(variant, objects, image_size):
+            by_attribute.setdefault(attribute, []).append(variant)
+    if not by_attribute:
+        return None
+    attribute = list(by_attribute)[int(rng.integers(len(by_attribute)))]
+    choices = by_attribute[attribute]
+    return attribute, choices[int(rng.integers(len(choices)))]
+
+
 def describe_scene(objects, image_size, rng, num_captions=CAPTIONS_PER_IMAGE):
     """num_captions true captions of the scene: the summary first, then distinct ones drawn from
-    attribute, position, count and spatial-relation templates (repeats only when too few exist)."""
+    attribute, position, count (of a kind, a colour, a shape, every object), spatial-relation and
+    size-relation templates (repeats only when too few exist)."""
     summary = scene_summary(objects)
     candidates = []
     for obj in objects:
@@ -183,8 +321,12 @@ def describe_scene(objects, image_size, rng, num_captions=CAPTIONS_PER_IMAGE):
         count = sum(obj["shape"] == shape for obj in objects)
         if count > 1:
             candidates.append(count_phrase(count, "", shape))
+    for colour in dict.fromkeys(obj["colour"] for obj in objects):
+        candidates.append(statement_text({"type": "count", "colour": colour, "shape": None,
+                                          "count": sum(obj["colour"] == colour for obj in objects)}))
+    candidates.append(statement_text({"type": "count", "colour": None, "shape": None, "count": len(objects)}))
     for a, b in itertools.permutations(objects, 2):
-        for relation in spatial_relations(a, b):
+        for relation in relations(a, b):
             candidates += [f"{noun_phrase(a)} {relation} {noun_phrase(b)}",
                            f"{noun_phrase(a)} is {relation} {noun_phrase(b)}"]
     candidates = [c for c in dict.fromkeys(candidates) if c != summary]  # dedupe, keep order
@@ -198,20 +340,20 @@ def region_descriptions(objects):
     pair of objects ('a red circle left of a blue square', the union of their boxes)."""
     regions = [(noun_phrase(obj, True), obj["box"]) for obj in objects]
     for a, b in itertools.combinations(objects, 2):
-        relations = spatial_relations(a, b)
-        if relations:
+        relations_ab = relations(a, b)
+        if relations_ab:
             (ax, ay, aw, ah), (bx, by, bw, bh) = a["box"], b["box"]
             x, y = min(ax, bx), min(ay, by)
             box = [x, y, max(ax + aw, bx + bw) - x, max(ay + ah, by + bh) - y]
-            regions.append((f"{noun_phrase(a)} {relations[0]} {noun_phrase(b)}", box))
+            regions.append((f"{noun_phrase(a)} {relations_ab[0]} {noun_phrase(b)}", box))
     return regions
 
 
 def synthetic_vocabulary():
     """Every word the grammar can produce (sorted), for the synthetic WordPiece tokenizer."""
     words = {*SHAPES, *SHAPES.values(), *COLOURS, *SIZES, *NUMBER_WORDS.values(), *GRAMMAR_WORDS}
-    for relation in RELATIONS:
-        words.update(relation.split())
+    for phrase in (*RELATIONS, *SIZE_RELATIONS, *POSITIONS):
+        words.update(phrase.split())
     return sorted(words)
 
 
@@ -330,15 +472,19 @@ def definite(phrase):
 
 def describe_scene_text(objects, image_size, rng):
     """One line of synthetic text about a scene: 'there are two red circles and a blue square, a large red
-    circle is at the top left and the red circle is left of the blue square' (2 to 4 clauses)."""
+    circle is at the top left, there are two red objects and the red circle is larger than a blue square'
+    (2 to 4 clauses: where objects are, how many of a colour there are, how they relate)."""
     verb = "is" if len(objects) == 1 else "are"
     clauses = []
     for obj in objects:
         clauses.append(f"{noun_phrase(obj, bool(rng.integers(2)))} is {position_phrase(obj, image_size)}")
+    for colour in dict.fromkeys(obj["colour"] for obj in objects):
+        clauses.append(statement_text({"type": "count", "colour": colour, "shape": None,
+                                       "count": sum(obj["colour"] == colour for obj in objects)}))
     for a, b in itertools.permutations(objects, 2):
         if (a["colour"], a["shape"]) != (b["colour"], b["shape"]):  # 'the red circle is left of a red circle' is no help
             clauses += [f"{definite(noun_phrase(a))} is {relation} {noun_phrase(b)}"
-                        for relation in spatial_relations(a, b)]
+                        for relation in relations(a, b)]
     clauses = list(dict.fromkeys(clauses))
     low, high = SYNTHETIC_TEXT_CLAUSES
     picks = rng.choice(len(clauses), size=min(int(rng.integers(low, high + 1)), len(clauses)), replace=False)

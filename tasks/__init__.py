@@ -10,6 +10,7 @@ conversion step), its model head, its evaluation and official metric, and its sy
   vqa.py        VQAv2, scored against ten human answers
   glue.py       GLUE (text only)
   cifar10.py    CIFAR-10 (image only)
+  scenes.py     scene attributes of the synthetic world (image only): the vision tower's pretraining
 
 What they share lies below them: base.py (the `Task` interface finetune.py and evaluate.py drive every
 task through), common.py (reading, batching, the evaluation loop), metrics.py (accuracy, MCC, F1, Pearson,
@@ -29,6 +30,7 @@ from tasks.glue import GLUETask, GLUE_FORMATS
 from tasks.nlvr2 import NLVR2Task
 from tasks.refcoco import RefCOCOTask
 from tasks.retrieval import RetrievalTask
+from tasks.scenes import SceneAttributesTask
 from tasks.snli_ve import SNLIVETask
 from tasks.vqa import VQATask
 
@@ -46,6 +48,7 @@ TASKS = {task.name: task for task in [
     VQATask(),
     *(GLUETask(name) for name in GLUE_FORMATS),
     CIFAR10Task(),
+    SceneAttributesTask(),
 ]}
 
 

@@ -17,7 +17,8 @@ from model import ClassifierHead, FreezableModel
 from tasks.base import Task
 from tasks.common import Transform, _classification_outputs, _field, _label, _pick_dir, _read_jsonl, load_image
 from tasks.metrics import accuracy
-from tasks.synthetic import _kind, _pick, _world_image, _world_scenes, _write_lines
+import world
+from tasks.synthetic import _pick, _world_image, _world_scenes, _write_lines
 
 # -----------------------------------------------------------------------------
 # NLVR2: two images + a statement -> true / false
@@ -160,43 +161,59 @@ class NLVR2Task(Task):
         return path
 
 
-def _nlvr2_pairs(rng, scenes, holds):
-    """Four (left, right) scenes realising the four combinations of (holds(left), holds(right)), in random
-    order, or None when the scenes do not allow it."""
-    with_it = [s for s in scenes if holds(s["objects"])]
-    without = [s for s in scenes if not holds(s["objects"])]
+NLVR2_COLOUR_FRACTION = 0.5  # sets saying only that a colour is present: a small model grounds colours long before
+#                              shapes, counts and relations, so a short fine-tuning run learns these first
+NLVR2_CANDIDATES = 40  # pictures drawn per set, among which its four pairs are chosen
+NLVR2_HELDOUT_SETS_PER_PICTURE = 4  # dev and test1 have few pictures: more sets of them keep accuracy precise
+
+
+def _nlvr2_pairs(rng, scenes, statement, image_size):
+    """Four (left, right) scenes realising the four combinations of (statement true of left, of right), in
+    random order, or None when NLVR2_CANDIDATES pictures drawn at random do not allow it. A picture the
+    statement is false of is, where the candidates hold one, a near miss: one that a one-attribute variant of
+    the statement is true of (two red circles where the statement says three, a blue circle where it says a
+    red one), so that telling the two apart takes the attribute the statement names."""
+    variants = [v for _, v in world.one_attribute_variants(statement)]
+    with_it, without, near = [], [], []
+    for k in rng.choice(len(scenes), size=min(NLVR2_CANDIDATES, len(scenes)), replace=False):
+        objects = scenes[k]["objects"]
+        if world.statement_holds(statement, objects, image_size):
+            with_it.append(scenes[k])
+        else:
+            without.append(scenes[k])
+            if any(world.statement_holds(v, objects, image_size) for v in variants):
+                near.append(scenes[k])
+    without = near or without
     if not with_it or not without:
         return None
     combos = [(a, b) for a in (with_it, without) for b in (with_it, without)]
     return [(_pick(rng, combos[k][0]), _pick(rng, combos[k][1])) for k in rng.permutation(4)]
 
 
-NLVR2_KIND_FRACTION = 0.2  # the rest name a colour only: a small model grounds colours long before shapes
-NLVR2_HELDOUT_SETS_PER_PICTURE = 4  # dev and test1 have few pictures: more sets of them keep accuracy precise
-
-
 def generate_synthetic_nlvr2(out: Path, world_root: Path, rng) -> None:
     """NLVR2 from the world's pictures: train from its train + restval scenes (one set per picture), dev from
     val, test1 from test (NLVR2_HELDOUT_SETS_PER_PICTURE sets per picture).
-    A set is one property of a picture, a colour ("a red object") or, in NLVR2_KIND_FRACTION of the sets, a
-    kind of object ("a red circle"), and four image pairs covering every combination of which side has it;
-    its two sentences say the left / the right image has it, so each sentence is true for exactly two of its
-    pairs and the text alone tells nothing. Images are the world's JPEG bytes, half of them
-    re-encoded as real PNG: a reader that trusts the extension fails on the other half, as on the real files."""
-    scenes, _ = _world_scenes(world_root)
+    A set is one statement true of a picture: in NLVR2_COLOUR_FRACTION of the sets that a colour is present
+    ("there is a red object"), in the others about an object, a count or a relation (world.sample_statement),
+    and four image pairs covering every combination of which side it is true of, the other pictures near
+    misses where the world has them (_nlvr2_pairs); its two sentences say it of the left / the right image,
+    so each sentence is true for exactly two of its pairs and the text alone tells nothing. Images are the
+    world's JPEG bytes, half of them re-encoded as real PNG: a reader that trusts the extension fails on the
+    other half, as on the real files."""
+    scenes, image_size = _world_scenes(world_root)
     groups = {"train": ("train", "restval"), "dev": ("val",), "test1": ("test",)}
     for split, world_splits in groups.items():
         members = [s for s in scenes if s["split"] in world_splits]
         records, set_id = [], 0
         while set_id < max(4, len(members) * (1 if split == "train" else NLVR2_HELDOUT_SETS_PER_PICTURE)):
-            obj = _pick(rng, _pick(rng, members)["objects"])
-            if rng.random() < NLVR2_KIND_FRACTION:
-                phrase, holds = f"a {obj['colour']} {obj['shape']}", lambda objs, k=_kind(obj): any(
-                    _kind(o) == k for o in objs)
+            objects = _pick(rng, members)["objects"]
+            if rng.random() < NLVR2_COLOUR_FRACTION:
+                statement = {"type": "object", "colour": _pick(rng, objects)["colour"], "shape": None, "size": None,
+                             "where": None}
             else:
-                phrase, holds = f"a {obj['colour']} object", lambda objs, c=obj["colour"]: any(
-                    o["colour"] == c for o in objs)
-            pairs = _nlvr2_pairs(rng, members, holds)
+                statement = world.sample_statement(objects, image_size, rng)
+            phrase = world.statement_text(statement)
+            pairs = _nlvr2_pairs(rng, members, statement, image_size)
             if pairs is None:
                 continue
             image_dir = out / "images" / "train" / str(set_id % 20) if split == "train" else out / split
@@ -211,9 +228,10 @@ def generate_synthetic_nlvr2(out: Path, world_root: Path, rng) -> None:
                     else:
                         Image.open(io.BytesIO(jpeg)).save(target, format="PNG")
                 for sentence_id, side in enumerate(sides):
-                    truth = holds((left if side == "left" else right)["objects"])
+                    truth = world.statement_holds(statement, (left if side == "left" else right)["objects"],
+                                                  image_size)
                     record = {"identifier": f"{split}-{set_id}-{pair_id}-{sentence_id}",
-                              "sentence": f"there is {phrase} in the {side} image", "label": str(truth),
+                              "sentence": f"in the {side} image {phrase}", "label": str(truth),
                               "left_url": f"synthetic://{left['image_id']}",
                               "right_url": f"synthetic://{right['image_id']}",
                               "writer": "synthetic", "validation": {}, "extra_validations": {},

@@ -230,7 +230,7 @@ def _referring_expressions(target, objects, image_size, flavour) -> list:
             found.append(f"the {kind} {where}")
     if flavour == "refcocog" and len(same) == 1:
         for other in objects:
-            for relation in world.spatial_relations(target, other) if other is not target else []:
+            for relation in world.relations(target, other) if other is not target else []:
                 found.append(f"the {target['size']} {kind} {relation} {world.noun_phrase(other)}")
     return found
 

@@ -88,8 +88,9 @@ class SNLIVETask(Task):
 
 def generate_synthetic_snli_ve(out: Path, world_root: Path, rng) -> None:
     """SNLI-VE on the synthetic Flickr30k: for the first three captions of each picture (the premises), one
-    hypothesis per label: a true caption (entailment), a property no picture shows such as 'a red circle is
-    heavy' (neutral), an absent object or a wrong count (contradiction). train / dev / test follow the
+    hypothesis per label: a true statement about an object, a count or a relation (entailment), a property no
+    picture shows such as 'a red circle is heavy' (neutral), or a true statement with one attribute changed,
+    its colour, shape, size, position, count or relation (contradiction: tasks.synthetic._statement). train / dev / test follow the
     Flickr30k split. train spells the image key "Flikr30kID": "<id>.jpg" as the widely downloaded files do,
     dev and test "Flickr30K_ID": "<id>" as the current generator does."""
     scenes, image_size = _world_scenes(world_root)

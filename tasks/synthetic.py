@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import zlib
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from world import COLOURS, SHAPES
 # -----------------------------------------------------------------------------
 # Synthetic versions: generated once, atomically, beside the synthetic world
 
-SYNTHETIC_VERSION = 1  # bump when a generator changes, so old files on disk are refused, not reused
+SYNTHETIC_VERSION = 2  # bump when a generator changes, so old files on disk are refused, not reused
 SYNTHETIC_MARKER = "synthetic.json"  # written last into each generated folder: present = complete
 
 
@@ -72,29 +71,23 @@ def _where(obj, image_size) -> str:
     return world.position_phrase(obj, image_size).split(" ", 2)[2]
 
 
+STATEMENT_TRIES = 20
+
+
 def _statement(objects, image_size, rng, true: bool) -> str:
-    """A statement about one object of the scene, true or false. Both are drawn from the same templates
-    ('a red circle', 'a large red circle at the top', 'there is a red circle', 'a red circle left of a blue
-    square', 'there are two red circles'), so that only the picture tells them apart: a false one describes
-    an object of a kind the scene lacks (same place, size and relations), or a present kind with a wrong count."""
-    obj = _pick(rng, objects)
-    kinds = Counter(_kind(o) for o in objects)
-    template = int(rng.integers(5))
-    if template == 4:  # a count
-        count = kinds[_kind(obj)] if true else _pick(rng, [n for n in (1, 2, 3, 4) if n != kinds[_kind(obj)]])
-        return f"there {'is' if count == 1 else 'are'} {world.count_phrase(count, *_kind(obj))}"
-    if not true:  # the same object as a kind the scene lacks
-        colour, shape = _pick(rng, [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in kinds
-                                    and (c == obj["colour"] or s == obj["shape"])])
-        obj = {**obj, "colour": colour, "shape": shape}
-    others = [(o, r) for o in objects if o is not obj for r in world.spatial_relations(obj, o)]
-    if template == 3 and others:
-        other, relation = _pick(rng, others)
-        return f"{world.noun_phrase(obj)} {relation} {world.noun_phrase(other)}"
-    if template == 2:
-        return f"there is {world.noun_phrase(obj)}"
-    phrase = world.noun_phrase(obj, with_size=template == 1)
-    return f"{phrase} {world.position_phrase(obj, image_size)}" if template == 1 or rng.random() < 0.5 else phrase
+    """A statement about the scene, true or false: an object ('there is a large red circle at the top'), a
+    count ('there are two red objects') or a relation ('a red circle is left of a blue square'). A false one
+    is a true one with exactly one attribute changed (colour, shape, size, position, count or relation:
+    world.false_variant), so that both come from the same templates with the same words and only the picture
+    tells them apart."""
+    for _ in range(STATEMENT_TRIES):
+        statement = world.sample_statement(objects, image_size, rng)
+        if true:
+            return world.statement_text(statement)
+        found = world.false_variant(statement, objects, image_size, rng)
+        if found is not None:
+            return world.statement_text(found[1])
+    raise ValueError(f"no false statement about the scene {objects} in {STATEMENT_TRIES} tries")
 
 
 NEUTRAL_PROPERTIES = ("heavy", "moving", "wooden")  # never shown by a picture: neither entailed nor contradicted

@@ -108,9 +108,75 @@ def test_synthetic_captions_use_only_the_tokenizer_vocabulary(tmp_path):
     texts = [s["raw"] for image in karpathy["images"] for s in image["sentences"]]
     texts += [r["phrase"] for e in json.loads((root / "vg/region_descriptions.json").read_text()) for r in e["regions"]]
     assert any(" left of " in t for t in texts) and any(t.startswith("two ") for t in texts)
+    assert any(" larger than " in t for t in texts) and any(t.endswith(" objects") for t in texts)
     tokenizer = data.synthetic_tokenizer()
     ids = tokenizer(texts)["input_ids"]
     assert all(tokenizer.unk_token_id not in row for row in ids)
+
+
+def scene(*objects):
+    """Objects from (size, colour, shape, x, y) tuples, boxes of the size's side in a 64-pixel picture."""
+    sides = {size: round(fraction * 64) for size, fraction in world.SIZES.items()}
+    return [{"size": size, "colour": colour, "shape": shape, "box": [x, y, sides[size], sides[size]]}
+            for size, colour, shape, x, y in objects]
+
+
+def test_statements_hold_as_the_scene_says():
+    objects = scene(("large", "red", "circle", 0, 0), ("small", "red", "square", 40, 0),
+                    ("small", "blue", "circle", 0, 44), ("small", "blue", "circle", 30, 44))
+    holds = lambda statement: world.statement_holds(statement, objects, 64)  # noqa: E731
+    assert holds({"type": "object", "colour": "red", "shape": "circle", "size": "large", "where": "at the top left"})
+    assert not holds({"type": "object", "colour": "red", "shape": "circle", "size": "small", "where": None})
+    assert not holds({"type": "object", "colour": "blue", "shape": "square", "size": None, "where": None})  # binding
+    assert holds({"type": "count", "colour": "blue", "shape": "circle", "count": 2})
+    assert holds({"type": "count", "colour": None, "shape": "circle", "count": 3})
+    assert holds({"type": "count", "colour": "red", "shape": None, "count": 2})
+    assert holds({"type": "count", "colour": None, "shape": None, "count": 4})
+    assert not holds({"type": "count", "colour": "blue", "shape": "circle", "count": 1})  # exactly that many
+    relation = {"type": "relation", "a": {"colour": "red", "shape": "circle"}, "relation": "above",
+                "b": {"colour": "blue", "shape": "circle"}}
+    assert holds(relation) and not holds({**relation, "relation": "below"})
+    assert holds({**relation, "relation": "larger than"}) and not holds({**relation, "relation": "smaller than"})
+    assert not holds({**relation, "b": {"colour": "blue", "shape": "square"}})
+    assert world.statement_text(relation) == "a red circle is above a blue circle"
+    assert world.statement_text({"type": "count", "colour": "red", "shape": None, "count": 2}) == \
+        "there are two red objects"
+    assert world.relations(objects[0], objects[1]) == ["left of", "larger than"]
+
+
+def test_false_variants_differ_in_one_attribute_and_are_false():
+    """The hard negatives: a true statement with exactly one attribute changed, false of the scene, worded from
+    the same templates (so only the picture tells it from the truth), and every kind of change occurs."""
+    rng = np.random.default_rng(0)
+    tokenizer = data.synthetic_tokenizer()
+    changed_attributes, texts = set(), []
+    for _ in range(300):
+        objects = world.sample_scene(rng, 64)
+        statement = world.sample_statement(objects, 64, rng)
+        assert world.statement_holds(statement, objects, 64)
+        attribute, variant = world.false_variant(statement, objects, 64, rng)
+        assert not world.statement_holds(variant, objects, 64)
+        differences = [k for k in statement if statement[k] != variant[k]]
+        assert len(differences) == 1 and variant["type"] == statement["type"]
+        if isinstance(statement[differences[0]], dict):  # a relation's object: one of its colour and shape
+            a, b = statement[differences[0]], variant[differences[0]]
+            assert sum(a[k] != b[k] for k in a) == 1
+        changed_attributes.add(attribute)
+        texts += [world.statement_text(statement), world.statement_text(variant)]
+    assert changed_attributes == {"colour", "shape", "size", "position", "count", "relation"}
+    assert all(tokenizer.unk_token_id not in row for row in tokenizer(texts)["input_ids"])
+
+
+def test_scenes_hold_distractors_and_counts():
+    """Scenes share colours or shapes across kinds (naming an object takes both attributes) and hold several
+    objects of a kind (counting matters)."""
+    rng = np.random.default_rng(1)
+    scenes = [world.sample_scene(rng, 64) for _ in range(300)]
+    kinds = [{(o["colour"], o["shape"]) for o in objects} for objects in scenes]
+    shared = sum(any(a != b and (a[0] == b[0] or a[1] == b[1]) for a in k for b in k) for k in kinds)
+    repeated = sum(len(k) < len(objects) for k, objects in zip(kinds, scenes))
+    assert shared > 0.4 * len(scenes) and repeated > 0.3 * len(scenes)
+    assert max(len(objects) for objects in scenes) == world.MAX_OBJECTS
 
 
 def test_ensure_synthetic_world_generates_once_and_other_ranks_wait(tmp_path, monkeypatch):

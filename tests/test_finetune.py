@@ -120,7 +120,8 @@ def test_refcoco_learns(learned, data_root):
 
 def test_retrieval_learns(learned):
     val = learned["coco_retrieval"][1]  # 15 val images, 75 captions: chance at R@1 is 1/15, at R@5 1/3
-    assert val["coco_ir_r1"] >= 0.25 and val["coco_tr_r1"] >= 0.2 and val["coco_ir_r5"] >= 0.6
+    # (world version 2, with distractors and partial captions, measured 0.2 / 0.2 / 0.8 here)
+    assert val["coco_ir_r1"] >= 0.18 and val["coco_tr_r1"] >= 0.2 and val["coco_ir_r5"] >= 0.6
 
 
 def test_vqa_learns(learned, data_root):
@@ -133,8 +134,10 @@ def test_snli_ve_learns(learned):
 
 
 def test_nlvr2_learns(learned):
-    # chance 1/2 (each statement is true for half its pairs), with a standard deviation of 0.023 on 480 statements
-    assert learned["nlvr2"][1]["nlvr2_acc"] >= 0.62
+    # chance 1/2 (each statement is true for half its pairs), with a standard deviation of 0.023 on 480 statements;
+    # half the sets are near misses about shapes, counts and relations that a 150-step run does not learn (world
+    # version 2 measured 0.579 here), so the bar is 2.6 standard deviations above chance
+    assert learned["nlvr2"][1]["nlvr2_acc"] >= 0.56
 
 
 # -----------------------------------------------------------------------------

@@ -12,11 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import ConcatDataset
 
 import engine
 import tasks
+import world
 from config import load_config
 from data import synthetic_tokenizer
 from encoders import build_encoder
@@ -28,8 +30,9 @@ from tasks.nlvr2 import NLVR2Dataset, nlvr2_consistency, nlvr2_sentence_key
 from tasks.refcoco import BoxScoringHead, RefCOCODataset
 from tasks.retrieval import (RetrievalModel, RetrievalSplit, load_retrieval_split, retrieval_recall, retrieval_scores,
                              sample_negative_images)
+from tasks.scenes import SCENE_ATTRIBUTES, SCENE_COUNTS, SCENE_KINDS, SceneAttributesModel, decode_predictions
 from tasks.snli_ve import SNLIVEDataset
-from tasks.synthetic import SYNTHETIC_MARKER
+from tasks.synthetic import SYNTHETIC_FLICKR_ID, SYNTHETIC_MARKER
 from tasks.vqa import (VQADataset, build_answer_vocab, heldout_split_by_image, normalize_answer, read_vqa_annotations,
                        vqa_accuracy, vqa_score, vqa_soft_score, write_vqa_results)
 from tiny import tiny_config
@@ -790,7 +793,8 @@ def test_synthetic_nlvr2_balanced_sentences_and_png_traps(synthetic_root):
     jpeg_bytes = sum(p.read_bytes()[:2] == b"\xff\xd8" for p in pngs)
     assert 0 < jpeg_bytes < len(pngs) and all(p.parent.name.isdigit() for p in pngs)
     item = train[0]
-    assert item["image0"].shape == (3, 32, 32) and item["text"].startswith("there is a ")
+    assert item["image0"].shape == (3, 32, 32)
+    assert item["text"].startswith(("in the left image ", "in the right image "))
     words = set(synthetic_tokenizer().vocab)
     assert all(w in words for i in range(len(train)) for w in train.sentences[i].split())
 
@@ -970,3 +974,95 @@ def test_bfloat16_evaluation_scores_come_from_a_float32_layer(one_thread):
         bf16, fp32 = float32_head_of(regression.head, lambda: regression.predict(batch))
     assert bf16.dtype == torch.float32 and len(bf16.unique()) == len(captions)
     assert torch.equal(bf16, fp32)
+
+
+def test_scene_attributes_targets_predictions_and_scores(synthetic_root):
+    """The vision tower's objective: every kind present and the total count, from scenes.json; predictions travel
+    as bitmasks and are scored per picture (all right), per kind (F1) and by count."""
+    world_root = synthetic_root / "synthetic"
+    task = tasks.TASKS["scenes"]
+    train = task.train_dataset(synthetic_cfg(synthetic_root), to_tensor)
+    scenes = json.loads((world_root / "scenes.json").read_text())["scenes"]
+    assert len(train) == sum(s["split"] in ("train", "restval") for s in scenes)
+    item = train[0]
+    objects = train.scenes[0]["objects"]
+    named = {SCENE_ATTRIBUTES[k] for k in np.flatnonzero(item["target"].numpy())}
+    assert named == {f"{o['colour']} {o['shape']}" for o in objects} | {o["colour"] for o in objects} | \
+        {o["shape"] for o in objects} | {SCENE_COUNTS[len(objects) - 1]}
+    assert item["image"].shape == (3, 32, 32)
+    test = task.eval_dataset(synthetic_cfg(synthetic_root), "test", to_tensor)
+    truth = test.targets.astype(np.int64)
+    as_bits = (truth << np.arange(truth.shape[1])).sum(1).astype(np.float64)  # as predict_items returns them
+    assert (decode_predictions(as_bits, truth.shape[1]) == truth).all()
+    assert task.score(as_bits, test, "test") == {"scenes_acc": 1.0, "scenes_present_f1": 1.0, "scenes_kind_f1": 1.0,
+                                                 "scenes_count_acc": 1.0}
+    one_kind_missed = truth.copy()
+    one_kind_missed[0, SCENE_KINDS.start + np.flatnonzero(truth[0, SCENE_KINDS])[0]] = 0
+    scores = task.score((one_kind_missed << np.arange(truth.shape[1])).sum(1).astype(np.float64), test, "test")
+    present = truth[:, SCENE_KINDS].sum()
+    assert scores["scenes_acc"] == 1 - 1 / len(test) and scores["scenes_count_acc"] == 1.0
+    assert scores["scenes_kind_f1"] == pytest.approx(2 * (present - 1) / (2 * present - 1))
+    all_present = truth[:, :SCENE_KINDS.stop].sum()
+    assert scores["scenes_present_f1"] == pytest.approx(2 * (all_present - 1) / (2 * all_present - 1))
+    with pytest.raises(ValueError, match="task=scenes reads a synthetic world"):
+        task.train_dataset(synthetic_cfg(synthetic_root, synthetic_task=False), to_tensor)
+
+
+def test_scene_attributes_model_predicts_presences_and_one_count():
+    """Presences are the positive logits, the count the largest of the count logits; the bitmask carries both."""
+    encoder = build_encoder(tiny_config(), vocab_size=40)
+    model = SceneAttributesModel(encoder, len(SCENE_ATTRIBUTES)).eval()
+    counts = len(SCENE_ATTRIBUTES) - len(SCENE_COUNTS)
+    targets = torch.zeros(3, len(SCENE_ATTRIBUTES))
+    targets[:, counts + 1] = 1.0
+    batch = {"pixel_values": torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8), "targets": targets}
+    with torch.no_grad():
+        logits = model.logits(batch)
+        bits = decode_predictions(model.predict(batch).double().numpy(), len(SCENE_ATTRIBUTES))
+        out = model(batch)
+    assert (bits[:, :counts] == (logits[:, :counts] > 0).numpy()).all()
+    assert (bits[:, counts:].sum(1) == 1).all()
+    assert (bits[:, counts:].argmax(1) == logits[:, counts:].argmax(1).numpy()).all()
+    assert out["acc"].item() == float((bits == targets.numpy()).all(1).mean())
+    expected = F.binary_cross_entropy_with_logits(logits[:, :counts], targets[:, :counts]) * counts + \
+        F.cross_entropy(logits[:, counts:], torch.full((3,), 1))
+    assert torch.allclose(out["loss"], expected)
+
+
+def every_statement():
+    """{text: statement} over every statement the world's templates can make (about 11,000)."""
+    kinds = [(c, s) for c in world.COLOURS for s in SHAPES]
+    found = [{"type": "object", "colour": c, "shape": s, "size": size, "where": where}
+             for c, s in kinds + [(c, None) for c in world.COLOURS]
+             for size in (None, *world.SIZES) for where in (None, *world.POSITIONS)]
+    found += [{"type": "count", "colour": c, "shape": s, "count": n} for c in (None, *world.COLOURS)
+              for s in (None, *SHAPES) for n in world.NUMBER_WORDS]
+    found += [{"type": "relation", "a": {"colour": a[0], "shape": a[1]}, "relation": r,
+               "b": {"colour": b[0], "shape": b[1]}} for a in kinds for b in kinds
+              for r in (*world.RELATIONS, *world.SIZE_RELATIONS)]
+    return {world.statement_text(s): s for s in found}
+
+
+def test_synthetic_statements_are_true_or_false_of_their_pictures(synthetic_root):
+    """NLVR2's label is the truth of its statement in the picture it names; SNLI-VE's entailments are true of
+    the picture and its contradictions false."""
+    root = synthetic_root / "synthetic"
+    scenes = json.loads((root / "scenes.json").read_text())
+    objects_of, image_size = {s["image_id"]: s["objects"] for s in scenes["scenes"]}, scenes["image_size"]
+    statements = every_statement()
+    for split in ("train", "dev"):
+        for line in (root / f"nlvr2/{split}.json").read_text().splitlines():
+            record = json.loads(line)
+            side, phrase = record["sentence"].removeprefix("in the ").split(" image ", 1)
+            image_id = int(record[f"{side}_url"].removeprefix("synthetic://"))
+            truth = world.statement_holds(statements[phrase], objects_of[image_id], image_size)
+            assert record["label"] == str(truth), record
+    labels = Counter()
+    for line in (root / "snli_ve/snli_ve_train.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["gold_label"] != "neutral":
+            image_id = int(record["Flikr30kID"].removesuffix(".jpg")) - SYNTHETIC_FLICKR_ID
+            truth = world.statement_holds(statements[record["sentence2"]], objects_of[image_id], image_size)
+            assert truth == (record["gold_label"] == "entailment"), record
+            labels[record["gold_label"]] += 1
+    assert labels["entailment"] == labels["contradiction"] > 0
