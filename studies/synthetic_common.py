@@ -11,12 +11,9 @@ _cross_size = dict(cross_hidden=64, cross_heads=2, image_size=48)
 # The towers, made first and shared: a text tower by text-only MLM on the synthetic text corpus, a vision tower by
 # image-only training on the synthetic pictures (naming the kinds of object present and counting them), each
 # exported (export.py) to TOWERS/<name>/{text_tower,vision_tower,tokenizer}
-_tower_steps = dict(batch_size=32, micro_batch_size=32, max_steps=200, warmup_steps=20, eval_interval=200,
-                    ckpt_interval=100)
 towers = {
-    "text": ("pretrain", "../configs/synthetic_schedule_text_only.py",
-             dict(_towers_size, **_tower_steps, save_text_tower="")),
-    "vision": ("pretrain", "../configs/quickstart.py", dict(_towers_size, **_tower_steps)),
+    "text": ("pretrain", "../configs/synthetic_text_tower.py", _towers_size),
+    "vision": ("finetune", "../configs/synthetic_vision_tower.py", _towers_size),
 }
 seeds = [0, 1, 2]
 # Pretraining of every variant: 50 steps of 32 image-text pairs (1,600 samples), saved at the end
