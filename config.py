@@ -207,23 +207,24 @@ def _parse_cli_value(raw, expected):
     return value
 
 
-def _exec_config_file(path, namespace, including):
-    """Run a config file's assignments over `namespace`; include("other.py") (relative to this file) runs
-    another config file at that point, so a variant can be its base plus one line."""
+def exec_assignments(path, namespace, check, including=(), kind="config file"):
+    """Run a file of Python assignments (a config file, a study file) over `namespace`, then check(path, namespace);
+    include("other.py") (relative to this file) runs another such file at that point, so a variant can be its base
+    plus one line. Errors are ConfigErrors naming the file and line."""
     if os.path.abspath(path) in including:
         raise ConfigError(f"{path}: include cycle")
     try:
         with open(path) as f:
             source = f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {kind} {path}: {e.strerror}") from None
     try:
         code = compile(source, path, "exec")
     except SyntaxError as e:
         raise ConfigError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
     outer_include = namespace.get("include")
-    namespace["include"] = lambda other: _exec_config_file(
-        os.path.join(os.path.dirname(path), other), namespace, including + [os.path.abspath(path)])
+    namespace["include"] = lambda other: exec_assignments(
+        os.path.join(os.path.dirname(path), other), namespace, check, [*including, os.path.abspath(path)], kind)
     try:
         exec(code, namespace)
     except ConfigError:
@@ -233,6 +234,10 @@ def _exec_config_file(path, namespace, including):
         raise ConfigError(f"{path}, line {lines[-1]}: {type(e).__name__}: {e}") from None
     finally:
         namespace["include"] = outer_include
+    check(path, namespace)
+
+
+def _check_config_keys(path, namespace):
     for name, value in list(namespace.items()):
         if name.startswith("_") or name == "include" or inspect.ismodule(value):
             continue
@@ -247,7 +252,7 @@ def load_config(argv):
     values = asdict(Config())
     if argv and not argv[0].startswith("--"):
         namespace = dict(values)
-        _exec_config_file(argv[0], namespace, [])
+        exec_assignments(argv[0], namespace, _check_config_keys)
         values = {key: namespace[key] for key in values}
     values.update(command_line_overrides(argv))
     cfg = Config(**values)

@@ -44,9 +44,15 @@ class Dist:
     is_ddp: bool  # more than one process, so a process group exists
 
 
+# setup_distributed calls not yet matched by cleanup_distributed. A runner that calls several entry points in one
+# process (study.py) opens the group first, so they all share it: torch names every new default group alike, and a
+# second group under torchrun would find the first one's keys in torchrun's store and hang connecting to them.
+_group_users = 0
+
+
 def setup_distributed(cfg):
     """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE, pick the device, start the process group (nccl on
-    CUDA, gloo on CPU) when there is more than one process, and seed python/numpy/torch with seed + rank."""
+    CUDA, gloo on CPU) when there is more than one process and none is open yet, and seed python/numpy/torch with seed + rank."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     name = cfg.device
@@ -68,7 +74,8 @@ def setup_distributed(cfg):
         # at a fraction of the tensor cores' rate; a CPU matmul ignores the setting.
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     is_ddp = world_size > 1
-    if is_ddp:
+    global _group_users
+    if is_ddp and _group_users == 0:
         if rank == 0 and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" \
                 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun keeps one TCPStore across restarts; the restarted group can read the dead group's
@@ -76,6 +83,7 @@ def setup_distributed(cfg):
             print("warning: torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment, "
                   "or a restarted group may connect to the dead one's addresses", file=sys.stderr)
         tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    _group_users += is_ddp
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
@@ -83,7 +91,10 @@ def setup_distributed(cfg):
 
 
 def cleanup_distributed():
-    if tdist.is_available() and tdist.is_initialized():
+    """Destroy the process group once the last setup_distributed that uses it is done."""
+    global _group_users
+    _group_users = max(0, _group_users - 1)
+    if _group_users == 0 and tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
 
 
