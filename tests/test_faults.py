@@ -304,7 +304,7 @@ def test_a_dying_rank_makes_torchrun_restart_the_group_from_the_last_checkpoint(
     sampler = batching.MicroBatchSampler(len(training_set(data_root)), 2, rank=0, world_size=1, seed=Config().seed)
     first_samples = [i for batch in list(sampler)[:20] for i in batch]
     expected = bad_items(data_root, first_samples)
-    assert sum(r.get("skipped_images", 0) for r in log) == len(expected) == 3  # met by rank 0 and by rank 1
+    assert sum(r.get("skipped_images", 0) for r in log) == len(expected) > 0  # met by rank 0 and by rank 1
     assert {m for r in log for m in r.get("bad_images", [])} == set(expected)
 
 
@@ -315,15 +315,18 @@ def test_bad_images_are_skipped_counted_and_named(tmp_path, bad_root, capsys):
     data_root, bad_paths = bad_root
     expected = bad_items(data_root)
     assert {m.split(": ")[0] for m in expected} == bad_paths
-    # 144 captions / micro-batches of 4 = 36 micro-batches = 18 steps: one epoch, every bad item met once;
-    # a DataLoader worker opens the images, the main process counts
-    pretrain.main(TINY + [f"--data_root={data_root}", f"--out_dir={tmp_path}", "--max_steps=18", "--log_interval=3",
-                          "--eval_interval=100", "--ckpt_interval=100", "--num_workers=1"])
+    # about one epoch: its micro-batches of 4 (the tail that fills none is left out), two a step, each bad item met
+    # as often as the sampler draws it; a DataLoader worker opens the images, the main process counts
+    sampler = batching.MicroBatchSampler(len(training_set(data_root)), 4, rank=0, world_size=1, seed=Config().seed)
+    steps = sampler.batches_per_epoch // 2
+    met = bad_items(data_root, [i for batch in list(sampler)[:2 * steps] for i in batch])
+    pretrain.main(TINY + [f"--data_root={data_root}", f"--out_dir={tmp_path}", f"--max_steps={steps}",
+                          f"--log_interval={steps}", "--eval_interval=100", "--ckpt_interval=100", "--num_workers=1"])
     log = read_log(tmp_path)
-    assert log[-1]["step"] == 18 and checkpoints(tmp_path) == ["ckpt_18.pt"]  # trained to the end
-    assert sum(r.get("skipped_images", 0) for r in log) == len(expected)
+    assert log[-1]["step"] == steps and checkpoints(tmp_path) == [f"ckpt_{steps}.pt"]  # trained to the end
+    assert sum(r.get("skipped_images", 0) for r in log) == len(met)
     reported = {m for r in log for m in r.get("bad_images", [])}
-    assert reported <= set(expected) and {m.split(": ")[0] for m in reported} == bad_paths
+    assert reported <= set(met) and {m.split(": ")[0] for m in reported} == bad_paths
     why = {Path(path).name: reason for path, reason in (m.split(": ", 1) for m in reported)}
     assert why["COCO_train2014_000000000002.jpg"] == "image file not found"
     assert why["COCO_train2014_000000000009.jpg"] == "not an image (no known format)"

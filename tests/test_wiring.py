@@ -24,7 +24,7 @@ from tasks.retrieval import RetrievalModel, RetrievalSplit, retrieval_recall, re
 from tasks.vqa import vqa_score
 from tiny import tiny_config
 
-VOCAB = 60
+VOCAB = len(data.synthetic_tokenizer())  # the synthetic captions' ids must fit
 B, T = 3, 7
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

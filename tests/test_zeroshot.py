@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import engine
 import evaluate
 import pretrain
@@ -22,7 +23,7 @@ from tiny import DUAL_ENCODER as DUAL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
-VOCAB = 60
+VOCAB = len(data.synthetic_tokenizer())  # the synthetic captions' ids must fit
 CPU = engine.Dist(0, 0, 1, True, torch.device("cpu"), False)
 # the tiny run of test_pretrain, each process's micro-batch one step's whole batch
 TINY_RUN = test_pretrain.TINY_RUN + ["--micro_batch_size=8", "--max_steps=2", "--eval_interval=2",
@@ -70,7 +71,7 @@ def test_similarity_and_prompt_ensemble_are_the_embeddings_products():
     cfg = tiny_config(**DUAL, micro_batch_size=2, num_workers=0)
     torch.manual_seed(0)
     model = build_pretrain_model(cfg, VOCAB).eval()
-    tokenizer = __import__("data").synthetic_tokenizer()
+    tokenizer = data.synthetic_tokenizer()
     images = torch.randn(5, 3, 32, 32)
     captions = ["a red circle", "two blue squares", "a star", "a green cross at the top", "a white diamond",
                 "a red star"]
