@@ -5,9 +5,9 @@
 #   python study.py studies/synthetic_image_schedule.py
 include("synthetic_common.py")
 towers = {}  # every arm trains its towers from scratch
-# more steps than the studies that start from towers: 120, half of them text-only (cheap), 3,840 samples in all
-_steps = 120
-_scratch = dict(_pretrain, **_towers_size, max_steps=_steps, warmup_steps=_steps // 10, log_interval=10,
+# more steps than the studies that start from towers: 1,000, half of them text-only (cheap), 32,000 samples in all
+_steps = 1000
+_scratch = dict(_pretrain, **_towers_size, max_steps=_steps, warmup_steps=_steps // 10, log_interval=50,
                 eval_interval=_steps, ckpt_interval=_steps // 2)
 variants = {
     "from_start": ("../configs/synthetic_schedule_images_from_start.py", _scratch),

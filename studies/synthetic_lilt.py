@@ -8,9 +8,9 @@ include("synthetic_common.py")
 tasks = {}
 downstream = {"retrieval": ("coco_retrieval", {"synthetic_task": True, "eval_splits": ["test"]})}
 headline = {"retrieval": ["coco_tr_r1 (test)", "coco_ir_r1 (test)", "coco_tr_r5 (test)", "coco_ir_r5 (test)"]}
-# ITC alone is cheaper than MLM + ITM: 100 steps of 32
-_dual = dict(_pretrain, **_pretrained_text, **_pretrained_vision, max_steps=100, warmup_steps=10, eval_interval=100,
-             ckpt_interval=50)
+# ITC alone is cheaper than MLM + ITM: 300 steps of 32, at the config's peak lr (5e-4) for full training
+_dual = dict(_pretrain, **_pretrained_text, **_pretrained_vision, max_steps=300, warmup_steps=30, lr=5e-4,
+             eval_interval=300, ckpt_interval=150)
 _aligned = dict(_dual, freeze_text=True, freeze_vision=True, adapter_reduction=4, lr=2e-3)  # synthetic_dual_lilt.py's
 variants = {
     "full": ("../configs/synthetic_dual_full.py", _dual),
