@@ -181,8 +181,9 @@ class Attention(nn.Module):
         rows, with one product for every q, k and v and one output projection instead of six products."""
         B, N, D = both.shape
         qkv = F.linear(both, *self.qkv_weights())  # (B, T+S, 3D)
-        q1, k1, v1 = self.split_heads(qkv[:, :T], 3)
-        q2, k2, v2 = self.split_heads(qkv[:, T:], 3)
+        first, second = qkv.split([T, N - T], 1)  # split, not slicing: its backward joins the two gradients
+        q1, k1, v1 = self.split_heads(first, 3)   # in one copy, where each slice's would fill a zero tensor
+        q2, k2, v2 = self.split_heads(second, 3)
         y = torch.cat([self.attend(q1, k2, v2, second_mask), self.attend(q2, k1, v1, first_mask)], 2)
         return self.out(y.transpose(1, 2).reshape(B, N, D))
 
@@ -281,7 +282,7 @@ class LxmertCrossModalLayer(nn.Module):
         T = t.shape[1]
         both = torch.cat([t, v], 1)
         crossed = self.norm_cross(both + self.drop(self.cross_attn.co_attend(both, T, t_mask, v_mask)))
-        t_cross, v_cross = crossed[:, :T], crossed[:, T:]
+        t_cross, v_cross = crossed.split([T, crossed.shape[1] - T], 1)
         return (self.text(t_cross, t_mask, cls_only="text" in cls_only),
                 self.image(v_cross, v_mask, cls_only="image" in cls_only))
 
