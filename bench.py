@@ -9,7 +9,8 @@ towers the config names offline at their exact dimensions from random init, and 
 text tower's own tokenizer nothing at all is downloaded. Bench options:
   --variants=a,b,...    what to measure, each a freezing variant, config (as configured), none, text, vision or
                         both, optionally followed by modifiers: +shared / +separate (pretrain_pass), +ckpt
-                        (gradient checkpointing), +compile (torch.compile), +cache (the frozen vision feature
+                        (gradient checkpointing), +compile (torch.compile, compile_scope as configured),
+                        +compile_cross (torch.compile of the cross-modal layers alone), +cache (the frozen vision feature
                         cache, in vision_feature_cache with --data=loader; a variant without +cache reads images);
                         empty (--variants=) with --decode_images: only the decoding is timed
   --steps=N, --warmup=N timed steps (medians are reported) after untimed warm-up steps
@@ -57,7 +58,7 @@ import data
 import engine
 import pretrain
 from config import ConfigError, load_config, main_guard
-from model import apply_freezing, build_pretrain_model, enable_gradient_checkpointing, parameter_summary
+from model import apply_freezing, build_pretrain_model, compile_model, enable_gradient_checkpointing, parameter_summary
 from towers import HUB_TOWERS
 
 # -----------------------------------------------------------------------------
@@ -83,7 +84,8 @@ FREEZING = {"config": {}, "none": dict(freeze_text=False, freeze_vision=False),
             "text": dict(freeze_text=True, freeze_vision=False), "vision": dict(freeze_text=False, freeze_vision=True),
             "both": dict(freeze_text=True, freeze_vision=True)}
 MODIFIERS = {"shared": dict(pretrain_pass="shared"), "separate": dict(pretrain_pass="separate"),
-             "ckpt": dict(gradient_checkpointing=True), "compile": dict(compile=True), "cache": {}}
+             "ckpt": dict(gradient_checkpointing=True), "compile": dict(compile=True),
+             "compile_cross": dict(compile=True, compile_scope="cross_modal"), "cache": {}}
 
 
 def variant_config(cfg, variant):
@@ -412,7 +414,6 @@ def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, arg
     optimizer = engine.build_optimizer(model, cfg, engine.lr_scales(cfg, model), verbose=False)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-    step_model = torch.compile(model) if cfg.compile else model
     model.train()
 
     first = prepare_batch(next(batches), "bench", 0)
@@ -420,6 +421,8 @@ def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, arg
     flops = step_flops(model_flops_twin(cfg, vocab_size, device), first, autocast)
     saved = saved_activation_bytes(model, first, autocast)
     samples = len(first["itm_labels"])
+    if cfg.compile:  # after counting, in place as engine.train does: the warm-up steps compile
+        compile_model(model, cfg.compile_scope)
 
     def train_step(step):
         """One step, each phase in a profiler range (no cost while no profiler runs); (data s, compute s)."""
@@ -430,19 +433,21 @@ def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, arg
         loaded = time.perf_counter()
         with torch.profiler.record_function(PHASE_MODEL):
             with autocast:
-                loss = step_model(batch)["loss"]
+                loss = model(batch)["loss"]
             loss.backward()
         with torch.profiler.record_function(PHASE_OPTIMIZER):
             engine.optimizer_step(optimizer, scaler, params, cfg.grad_clip, loss.detach().float(), step)
             synchronize(device)
         return loaded - start, time.perf_counter() - loaded
 
-    data_seconds, compute_seconds = [], []
+    data_seconds, compute_seconds, warmup_seconds = [], [], []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             has_peak = reset_peak_memory(device)
         data_s, compute_s = train_step(step)
-        if step >= args.warmup:
+        if step < args.warmup:
+            warmup_seconds.append(data_s + compute_s)  # with +compile, the compilation is in these
+        else:
             data_seconds.append(data_s)
             compute_seconds.append(compute_s)
     profile = None
@@ -460,7 +465,8 @@ def bench_variant(variant, cfg, dist, vocab_size, tokenizer, tokenizer_info, arg
             "mfu": flops / samples * samples_per_sec / args.peak_flops,
             "data_ms": 1e3 * statistics.median(data_seconds), "compute_ms": 1e3 * statistics.median(compute_seconds),
             "peak_memory_bytes": peak_memory(device) if has_peak else None, "saved_activation_bytes": saved,
-            "step_seconds": [d + c for d, c in zip(data_seconds, compute_seconds)], "profile": profile,
+            "step_seconds": [d + c for d, c in zip(data_seconds, compute_seconds)], "warmup_seconds": warmup_seconds,
+            "profile": profile,
             "load_average": os.getloadavg()[0]}  # other processes' work: the timings are only as good as it is low
 
 
@@ -480,7 +486,7 @@ def machine_description(device):
 
 def format_table(rows):
     header = (f"{'variant':<22} {'trainable/total M':>17} {'GFLOP/sample':>12} {'samples/s':>9} {'data ms':>8} "
-              f"{'compute ms':>10} {'MFU':>6} {'peak mem MB':>11} {'saved act MB':>12} {'load':>5}")
+              f"{'compute ms':>10} {'MFU':>6} {'peak mem MB':>11} {'saved act MB':>12} {'load':>5} {'warm-up s':>9}")
     lines = [header]
     for r in rows:
         params = f"{r['trainable_params'] / 1e6:.1f}/{r['total_params'] / 1e6:.1f}"
@@ -488,7 +494,7 @@ def format_table(rows):
         lines.append(f"{r['variant']:<22} {params:>17} {r['flops_per_sample'] / 1e9:>12.2f} "
                      f"{r['samples_per_sec']:>9.2f} {r['data_ms']:>8.1f} {r['compute_ms']:>10.1f} "
                      f"{100 * r['mfu']:>5.1f}% {memory:>11} {r['saved_activation_bytes'] / 2 ** 20:>12.1f} "
-                     f"{r['load_average']:>5.2f}")
+                     f"{r['load_average']:>5.2f} {sum(r.get('warmup_seconds', [])):>9.1f}")
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ class Config:
     dtype: str = "float32"  # "float32", "bfloat16" or "float16" (autocast; float16 adds a gradient scaler)
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
     compile: bool = False  # torch.compile the model in place, then wrap it in DDP (torch's advice); pretraining pads captions to max_text_len
+    compile_scope: str = "model"  # with compile: "model" (the whole model) or "cross_modal" (each two-tower cross-modal layer alone: the towers stay eager, compiling takes a fraction of the time)
     matmul_precision: str = "high"  # CUDA float32 matmuls: "high" (TF32 tensor cores), "medium" (bf16) or "highest" (exact fp32); no effect on CPU
     # model
     model_type: str = "two_tower"  # "two_tower" (two towers + cross-modal layers), "one_tower" (one joint stack) or "dual_encoder" (two towers, no fusion, contrastive)
@@ -156,7 +157,7 @@ CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "lr_decay": ("linear", "
            "pooling": ("double", "single"), "pretrain_pass": ("separate", "shared"),
            "cross_layer_type": ("lxmert", "meter"), "onetower_embeddings": ("tower", "fresh"),
            "image_resize": ("squash", "crop"), "embed_pooling": ("cls", "mean"),
-           "init_new_modules": ("torch", "bert")}
+           "init_new_modules": ("torch", "bert"), "compile_scope": ("model", "cross_modal")}
 AT_LEAST_ONE = ("batch_size", "micro_batch_size", "max_steps", "log_interval", "eval_interval", "eval_batches",
                 "ckpt_interval", "keep_checkpoints", "embed_dim", "adapter_reduction")
 
@@ -311,6 +312,9 @@ def validate(cfg, world_size=1):
                           f"(got {cfg.model_type!r}, {cfg.freeze_vision}, {cfg.augment})")
     if cfg.image_resize == "crop" and cfg.task.startswith("refcoco"):
         raise ConfigError(f"image_resize='crop' would cut off boxes of task={cfg.task!r}: use image_resize='squash'")
+    if cfg.compile and cfg.compile_scope == "cross_modal" and cfg.model_type != "two_tower":
+        raise ConfigError(f"compile_scope='cross_modal' compiles the cross-modal layers, which only "
+                          f"model_type='two_tower' has (got {cfg.model_type!r}): use compile_scope='model'")
     check_trackers(cfg)
     fractions = {"min_lr_ratio": cfg.min_lr_ratio, "mlm_prob": cfg.mlm_prob, "itm_neg_prob": cfg.itm_neg_prob,
                  "betas[0]": cfg.betas[0], "betas[1]": cfg.betas[1], "text_only_fraction": cfg.text_only_fraction,

@@ -97,9 +97,25 @@ class Pooler(nn.Module):
 # 31-bit int32 draw) and keeps an element where its integer is at least round(p * 2**15): the rate is p to within
 # 2**-16, the kept elements are scaled so the expectation is exact, the mask comes from torch's generator (so
 # seeds, checkpoint recomputation and resume behave as before) and is saved as one byte an element. On GPUs,
-# F.dropout and the fused attention kernels are fast already and are used as they are; so is F.dropout under
-# torch.compile, which generates its own masks (an in-place random_ would break the graph).
+# F.dropout and the fused attention kernels are fast already and are used as they are. Under torch.compile the
+# mask comes from the same draw, wrapped as an opaque operator (`dropout_keep`, tagged as seeded random so the
+# compiler neither merges two draws nor recomputes one in backward): the compiler's own CPU random numbers cost
+# more than the fusion they allow, and the compiled layers draw exactly eager's masks.
 DROPOUT_BITS = 15
+
+
+@torch.library.custom_op("vlenc::dropout_keep", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool mask shaped like x, each element True (kept) with probability 1 - p to within 2**-16."""
+    threshold = round(p * 2 ** DROPOUT_BITS)
+    n = x.numel()
+    draws = torch.empty((n + 1) // 2, dtype=torch.int32).random_()  # uniform over [0, 2**31)
+    return ((draws.view(torch.int16)[:n] & (2 ** DROPOUT_BITS - 1)) >= threshold).view(x.shape)  # low 15 bits
+
+
+@dropout_keep.register_fake
+def _(x, p):
+    return torch.empty_like(x, dtype=torch.bool)
 
 
 class _KeepAndScale(torch.autograd.Function):
@@ -121,13 +137,12 @@ def dropout(x, p, training=True):
     """F.dropout(x, p, training), with the mask drawn as the comment above says when x is on the CPU."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
-    threshold = round(p * 2 ** DROPOUT_BITS)
-    n = x.numel()
-    draws = torch.empty((n + 1) // 2, dtype=torch.int32).random_()  # uniform over [0, 2**31)
-    keep = (draws.view(torch.int16)[:n] & (2 ** DROPOUT_BITS - 1)) >= threshold  # low 15 bits of each half
-    return _KeepAndScale.apply(x, keep.view(x.shape), 2 ** DROPOUT_BITS / (2 ** DROPOUT_BITS - threshold))
+    scale = 2 ** DROPOUT_BITS / (2 ** DROPOUT_BITS - round(p * 2 ** DROPOUT_BITS))
+    if torch.compiler.is_compiling():  # the compiler fuses the product into its neighbours and saves the mask
+        return x * dropout_keep(x, p) * scale
+    return _KeepAndScale.apply(x, dropout_keep(x, p), scale)
 
 
 class Dropout(nn.Dropout):
@@ -190,11 +205,12 @@ class Attention(nn.Module):
     def attend(self, q, k, v, context_mask):  # q (B, h, T, d), k and v (B, h, S, d) -> (B, h, T, d)
         attn_mask = None if context_mask is None else context_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         dropout_p = self.dropout if self.training else 0.0
-        if dropout_p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        if dropout_p > 0 and q.device.type == "cpu":
             # No fused CPU kernel takes dropout. Written out, attention would keep the (B, h, T, S) weights and
             # their mask for backward; they are recomputed there instead (same RNG state, so the same mask), as
             # the fused GPU kernels do: a few percent more FLOPs for about a fifth less activation memory.
-            if torch.is_grad_enabled():
+            # Compiled, it is left to the compiler, which saves the mask and recomputes what is cheap.
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
                 return checkpoint(attention_with_dropout, q, k, v, attn_mask, dropout_p, use_reentrant=False)
             return attention_with_dropout(q, k, v, attn_mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)

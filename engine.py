@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignment import adapter_changes
 from config import ConfigError
+from model import compile_model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -604,7 +605,7 @@ def train(cfg, dist, model, loader, prepare_batch, evaluate=None, extra_log=None
         # forward runs inside DDP's forward, where dynamo's DDPOptimizer splits the graph at DDP's gradient-bucket
         # boundaries, so each bucket's all-reduce still overlaps the rest of backward. Compiling the DDP wrapper
         # itself is what those docs advise against. In place, the state dict keeps its keys.
-        model.compile()
+        compile_model(model, cfg.compile_scope)
     eval_model = model  # not the DDP wrapper: its forward would sync buffers, so every rank would need the same batches
     if dist.is_ddp:
         model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,

@@ -308,6 +308,23 @@ class PretrainModel(FreezableModel):
         return out
 
 
+def compile_model(model, scope="model", backend="inductor"):
+    """torch.compile in place (the state dict keeps its keys). scope "model": the whole model's forward, one
+    graph; "cross_modal": each two-tower cross-modal layer alone, where most of the elementwise, normalisation
+    and dropout work outside the matmuls is (the towers, Hugging Face modules, stay eager). The layers share one
+    forward, so its graphs are compiled once for all of them: one for the inner layers and one for each set of
+    rows the last layer updates (see TwoTowerEncoder.fuse)."""
+    if scope == "model":
+        model.compile(backend=backend)
+        return
+    encoders = [m for m in model.modules() if isinstance(m, TwoTowerEncoder)]
+    if scope != "cross_modal" or not encoders:
+        raise ValueError(f"compile_scope={scope!r}: 'model', or 'cross_modal' for a model with cross-modal layers")
+    for encoder in encoders:
+        for layer in encoder.cross_layers:
+            layer.compile(backend=backend)
+
+
 def build_pretrain_model(cfg, vocab_size, tower_configs=None):
     encoder = build_encoder(cfg, vocab_size, tower_configs)
     if cfg.model_type == "dual_encoder" or cfg.itc_weight > 0:

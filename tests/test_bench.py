@@ -18,9 +18,9 @@ import bench
 import data
 import engine
 import pretrain
-from config import Config, ConfigError
+from config import Config, ConfigError, load_config
 from encoders import Attention, Embedded, attention_with_dropout, build_encoder, dropout
-from model import PretrainModel, apply_freezing, build_pretrain_model, enable_gradient_checkpointing
+from model import PretrainModel, apply_freezing, build_pretrain_model, compile_model, enable_gradient_checkpointing
 from tiny import TINY, tiny_config
 
 VOCAB = 60
@@ -422,6 +422,55 @@ def test_compiled_model_with_a_frozen_tower_matches_eager():
     assert not any(n.startswith("encoder.vision_tower") for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("cross_dropout", [0.0, 0.1])
+def test_compiling_the_cross_modal_layers_alone_matches_eager(cross_dropout):
+    """compile_scope="cross_modal" compiles each cross-modal layer in place and nothing else: the losses and
+    gradients are eager's, dropout included (the compiled layers draw eager's masks from the same generator, in
+    the same order, and none again in backward), the towers keep their eager forward, and the layers share their
+    graphs (one for the inner layers, one for each set of rows the last layer updates in the two passes)."""
+    model = pretrain_model("separate", cross_dropout=cross_dropout, cross_layers=3, text_dropout=0.0)
+    batch = make_batch()
+    torch.manual_seed(5)
+    eager = model(batch)
+    eager["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_model(model, "cross_modal", backend="aot_eager")
+    torch.manual_seed(5)
+    compiled = model(batch)
+    compiled["loss"].backward()
+    assert [layer._compiled_call_impl is not None for layer in model.encoder.cross_layers] == [True] * 3
+    assert model._compiled_call_impl is None and model.encoder.text_tower._compiled_call_impl is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # inner; last of MLM; last of ITM
+    torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-5, atol=1e-6)
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_cpu_dropout_draws_a_mask_per_call(backend):
+    """Two dropouts of one tensor in a compiled function draw two masks (the compiler must not merge the draws
+    as common subexpressions), each at the configured rate, and backward applies each call's own mask."""
+    torch._dynamo.reset()
+    x = torch.ones(200, 100, requires_grad=True)
+    first, second = torch.compile(lambda x: (dropout(x, 0.3), dropout(x, 0.3)), backend=backend)(x)
+    assert not torch.equal(first, second)
+    for out in (first, second):
+        assert abs((out == 0).float().mean().item() - 0.3) < 0.02
+    (first * 1 + second * 2).sum().backward()
+    torch.testing.assert_close(x.grad, (first.detach() + 2 * second.detach()))  # x is ones: out = mask * scale
+
+
+def test_compiling_the_cross_modal_layers_needs_them():
+    with pytest.raises(ConfigError, match="compile_scope='cross_modal'.*one_tower"):
+        load_config(["--model_type=one_tower", "--compile=true", "--compile_scope=cross_modal"])
+    with pytest.raises(ValueError, match="compile_scope='cross_modal'"):
+        compile_model(pretrain_model("separate", model_type="one_tower"), "cross_modal")
 
 
 @pytest.mark.parametrize("pretrain_pass, overrides", [("separate", dict(cross_dropout=0.1)), ("shared", {})])
