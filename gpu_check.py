@@ -238,7 +238,7 @@ def check_bench_mfu(ctx):
     path = ctx["out"] / "bench.json"
     run([sys.executable, "bench.py", "configs/freeze_none.py", "--random_init_towers=true", "--data=random",
          "--dtype=bfloat16", "--micro_batch_size=88", "--batch_size=88", "--steps=10", "--warmup=3",
-         "--variants=none,none+shared,both,both+shared", "--profile=2", f"--json={path}"], timeout=1800)
+         "--variants=none,none+shared,both,both+shared,none+compile_cross", "--profile=2", f"--json={path}"], timeout=1800)
     report = json.loads(path.read_text())
     rows = {row["variant"]: row for row in report["variants"]}
     figures = ", ".join(f"{name} {100 * row['mfu']:.1f}% ({row['samples_per_sec']:.0f} samples/s)"
