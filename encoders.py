@@ -100,7 +100,7 @@ class Pooler(nn.Module):
 # F.dropout and the fused attention kernels are fast already and are used as they are. Under torch.compile the
 # mask comes from the same draw, wrapped as an opaque operator (`dropout_keep`, tagged as seeded random so the
 # compiler neither merges two draws nor recomputes one in backward): the compiler's own CPU random numbers cost
-# more than the fusion they allow, and the compiled layers draw exactly eager's masks.
+# more than the fusion they allow, and the masks still come from torch's generator, drawn as in eager.
 DROPOUT_BITS = 15
 
 
