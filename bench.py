@@ -494,7 +494,7 @@ def format_table(rows):
         lines.append(f"{r['variant']:<22} {params:>17} {r['flops_per_sample'] / 1e9:>12.2f} "
                      f"{r['samples_per_sec']:>9.2f} {r['data_ms']:>8.1f} {r['compute_ms']:>10.1f} "
                      f"{100 * r['mfu']:>5.1f}% {memory:>11} {r['saved_activation_bytes'] / 2 ** 20:>12.1f} "
-                     f"{r['load_average']:>5.2f} {sum(r.get('warmup_seconds', [])):>9.1f}")
+                     f"{r['load_average']:>5.2f} {sum(r['warmup_seconds']):>9.1f}")
     return "\n".join(lines)
 
 
