@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from alignment import add_configured_adapters
+from attention import Dropout, attention_with_dropout, dropout
 from towers import TowerLoadError, init_new, layers_path, load_tower, requires_grad, tower_class, tower_layers
 
 # -----------------------------------------------------------------------------
@@ -89,81 +90,6 @@ class Pooler(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Two-tower: co-attention cross-modal layers
-
-
-# On CPU torch draws a dropout mask with bernoulli_, about 9 ns an element on a 2-core machine (ten times a
-# softmax): with dropout in every attention map and sublayer, the cross-modal layers of the paper's model spent
-# a sixth of a pretraining step drawing masks. Their dropout draws 15-bit random integers instead (two from each
-# 31-bit int32 draw) and keeps an element where its integer is at least round(p * 2**15): the rate is p to within
-# 2**-16, the kept elements are scaled so the expectation is exact, the mask comes from torch's generator (so
-# seeds, checkpoint recomputation and resume behave as before) and is saved as one byte an element. On GPUs,
-# F.dropout and the fused attention kernels are fast already and are used as they are. Under torch.compile the
-# mask comes from the same draw, wrapped as an opaque operator (`dropout_keep`, tagged as seeded random so the
-# compiler neither merges two draws nor recomputes one in backward): the compiler's own CPU random numbers cost
-# more than the fusion they allow, and the masks still come from torch's generator, drawn as in eager.
-DROPOUT_BITS = 15
-
-
-def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A bool mask shaped like x, each element True (kept) with probability 1 - p to within 2**-16."""
-    threshold = round(p * 2 ** DROPOUT_BITS)
-    n = x.numel()
-    draws = torch.empty((n + 1) // 2, dtype=torch.int32).random_()  # uniform over [0, 2**31)
-    return ((draws.view(torch.int16)[:n] & (2 ** DROPOUT_BITS - 1)) >= threshold).view(x.shape)  # low 15 bits
-
-
-# keep_mask as the operator compiled code calls; eager code calls keep_mask itself (the operator's dispatch costs
-# about 65 us a call, measured on this project's 2-core CPU)
-dropout_keep = torch.library.custom_op("vlenc::dropout_keep", mutates_args=(),
-                                       tags=(torch.Tag.nondeterministic_seeded,))(keep_mask)
-
-
-@dropout_keep.register_fake
-def _(x, p):
-    return torch.empty_like(x, dtype=torch.bool)
-
-
-class _KeepAndScale(torch.autograd.Function):
-    """x * keep * scale with keep a bool mask; backward applies the same mask (saved as bools, not floats)."""
-
-    @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x.mul(keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        keep, = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
-
-
-def dropout(x, p, training=True):
-    """F.dropout(x, p, training), with the mask drawn as the comment above says when x is on the CPU."""
-    if not training or p == 0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    scale = 2 ** DROPOUT_BITS / (2 ** DROPOUT_BITS - round(p * 2 ** DROPOUT_BITS))
-    if torch.compiler.is_compiling():  # the compiler fuses the product into its neighbours and saves the mask
-        return x * dropout_keep(x, p) * scale
-    return _KeepAndScale.apply(x, keep_mask(x, p), scale)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout through `dropout` above (same p, same train/eval behaviour)."""
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
-
-
-def attention_with_dropout(q, k, v, attn_mask, p):
-    """scaled_dot_product_attention written out, with `dropout` on the attention weights. q (B, h, T, d),
-    k and v (B, h, S, d), attn_mask (B, 1, 1, S) bool (True = attend) or None -> (B, h, T, d)."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, T, S)
-    if attn_mask is not None:
-        scores.masked_fill_(~attn_mask, float("-inf"))  # in place: the product's backward does not read it
-    return dropout(scores.softmax(-1), p) @ v
 
 
 class Attention(nn.Module):

@@ -11,6 +11,8 @@ import torch.nn as nn
 from transformers import (AutoConfig, AutoModel, BeitConfig, BertConfig, DeiTConfig, ElectraConfig,
                           RobertaConfig, ViTConfig)
 
+from attention import TOWER_ATTENTION
+
 # -----------------------------------------------------------------------------
 # Towers: any Hugging Face text encoder of the BERT family or transformer vision encoder
 
@@ -170,8 +172,11 @@ def load_tower(cfg, modality, vocab_size=None, saved_config=None):
         config.image_size = cfg.image_size
         if cfg.patch_size > 0:
             config.patch_size = cfg.patch_size
-    config._attn_implementation = "sdpa"
     model_class, kwargs = tower_class(config)
+    # attention.tower_attention where the family calls attention through transformers' interface (a GPU gets SDPA
+    # there too), SDPA where it does not
+    config._attn_implementation = TOWER_ATTENTION if getattr(model_class, "_supports_attention_backend", False) \
+        else "sdpa"
     if pretrained:
         return from_hub_or_directory(lambda path, **flags: model_class.from_pretrained(path, config=config, **kwargs,
                                                                                         **flags),

@@ -19,7 +19,8 @@ import data
 import engine
 import pretrain
 from config import Config, ConfigError, load_config
-from encoders import Attention, Embedded, attention_with_dropout, build_encoder, dropout
+from encoders import Attention, Embedded, build_encoder
+from attention import attention_with_dropout, dropout
 from model import PretrainModel, apply_freezing, build_pretrain_model, compile_model, enable_gradient_checkpointing
 from tiny import TINY, tiny_config
 
