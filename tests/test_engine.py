@@ -446,6 +446,42 @@ def test_float32_matmul_precision_is_set_on_cuda_only(tmp_path, monkeypatch, mat
     assert Config().matmul_precision == "high"
 
 
+MALLINFO_SCRIPT = """
+import ctypes, sys, torch, engine
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+mallinfo = ctypes.CDLL(None).mallinfo2
+mallinfo.restype = Info
+if sys.argv[1] == "tuned":
+    assert engine.tune_cpu_allocator()
+before = mallinfo()
+block = torch.ones(30 << 18)  # 30 MB
+during = mallinfo()
+del block
+print(during.hblks - before.hblks, mallinfo().fordblks >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and mallinfo2")
+def test_cpu_allocator_keeps_freed_blocks(tmp_path, monkeypatch):
+    """glibc maps a fresh 30 MB block on its own and unmaps it when freed (so the next one faults its pages in
+    again); with engine.CPU_MALLOC_SETTINGS it comes from the heap and stays there, free for the next block. And
+    setup_distributed applies the settings on the CPU."""
+    script = write(tmp_path / "mallinfo.py", MALLINFO_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    found = {}
+    for mode in ("default", "tuned"):
+        result = processes.run([sys.executable, str(script), mode], timeout=120, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        found[mode] = [int(n) for n in result.stdout.split()[-2:]]  # (blocks mapped on their own, free MB kept)
+    assert found["default"][0] == 1 and found["tuned"][0] == 0 and found["tuned"][1] >= 30, found
+    calls = []
+    monkeypatch.setattr(engine, "tune_cpu_allocator", lambda: calls.append(1))
+    engine.setup_distributed(tiny_config(tmp_path, device="cpu"))
+    assert calls == [1]
+
+
 def test_refuses_to_restart_over_checkpoints_without_resume(tmp_path):
     run_tiny(tmp_path, max_steps=4)
     with pytest.raises(ConfigError, match="already holds checkpoints and resume=False"):
