@@ -11,7 +11,7 @@ import torch.nn as nn
 from transformers import (AutoConfig, AutoModel, BeitConfig, BertConfig, DeiTConfig, ElectraConfig,
                           RobertaConfig, ViTConfig)
 
-from attention import TOWER_ATTENTION
+from attention import TOWER_ATTENTION, Dropout
 
 # -----------------------------------------------------------------------------
 # Towers: any Hugging Face text encoder of the BERT family or transformer vision encoder
@@ -178,10 +178,16 @@ def load_tower(cfg, modality, vocab_size=None, saved_config=None):
     config._attn_implementation = TOWER_ATTENTION if getattr(model_class, "_supports_attention_backend", False) \
         else "sdpa"
     if pretrained:
-        return from_hub_or_directory(lambda path, **flags: model_class.from_pretrained(path, config=config, **kwargs,
-                                                                                        **flags),
-                                     name, f"{tower_key} weights", offline_fix)
-    return model_class(config, **kwargs)
+        tower = from_hub_or_directory(lambda path, **flags: model_class.from_pretrained(path, config=config, **kwargs,
+                                                                                         **flags),
+                                      name, f"{tower_key} weights", offline_fix)
+    else:
+        tower = model_class(config, **kwargs)
+    for module in list(tower.modules()):  # the towers' dropout draws attention.py's cheap masks on the CPU too
+        for child_name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, child_name, Dropout(child.p))
+    return tower
 
 
 def tower_class(config):

@@ -77,9 +77,10 @@ def test_tower_attention_hands_causal_attention_to_sdpa():
 
 @pytest.mark.parametrize("modality", ["text", "vision"])
 def test_towers_call_tower_attention(modality, monkeypatch):
-    """Every tower load_tower builds attends through tower_attention: in training with attention dropout each layer
-    draws a cheap mask over its (B, h, N, N) weights; in eval mode none; and a tower switched to transformers'
-    SDPA gives the same output in eval mode, in float32 exactly and under bfloat16 autocast within rounding."""
+    """Every tower load_tower builds attends through tower_attention and drops out through attention.Dropout: in
+    training each layer draws a cheap mask over its (B, h, N, N) attention weights and its hidden states; in eval
+    mode none; and a tower switched to transformers' SDPA gives the same output in eval mode, in float32 exactly
+    and under bfloat16 autocast within rounding."""
     cfg = tiny_config(text_dropout=0.2, vision_dropout=0.2)
     torch.manual_seed(0)
     tower = load_tower(cfg, modality, vocab_size=50)
@@ -92,6 +93,9 @@ def test_towers_call_tower_attention(modality, monkeypatch):
     tower.train()(**inputs)
     n = 6 if modality == "text" else 17
     assert [s for s in drawn if s[0] == (2, 2, n, n)] == [((2, 2, n, n), 0.2)] * 2  # two layers' attention weights
+    # and the hidden states' dropout too: the embeddings', then each layer's after attention and after its MLP
+    assert [s for s in drawn if s[0] == (2, n, 32)] == [((2, n, 32), 0.2)] * 5
+    assert not any(type(m) is nn.Dropout for m in tower.modules())
     drawn.clear()
     with torch.no_grad():
         tower.eval()

@@ -217,6 +217,20 @@ def test_mlm_head_projects_only_labelled_positions():
     assert PretrainModel.mlm_positions(labels, itm_labels, "separate").tolist() == [1, T + 3, 2 * T + 5]
 
 
+def test_mlm_decoder_runs_in_float32_under_autocast():
+    """Under bfloat16 autocast the transform runs in bfloat16 and the vocabulary decoder in float32 on the float32
+    weight (no bfloat16 copy of it), so the logits are F.linear of the transform's output in float32."""
+    torch.manual_seed(0)
+    head = MLMHead(32, VOCAB)
+    feats, positions = torch.randn(B, T, 32), torch.tensor([1, 2 * T + 5])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(feats, positions)
+        hidden = head.transform(feats.flatten(0, 1)[positions])
+    assert hidden.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, F.linear(hidden.float(), head.decoder.weight, head.decoder.bias),
+                               rtol=0, atol=0)
+
+
 def test_image_keys_take_no_attention_mask(monkeypatch):
     """Cross-modal attention over image patches passes no mask (so SDPA may take FlashAttention), attention over
     text keeps its padding mask, and the result equals attention with the image's all-ones mask."""
