@@ -102,7 +102,7 @@ def attention_with_dropout(q, k, v, attn_mask, p, scale=None):
 # (fwd + bwd, 2 threads; tests/test_attention.py checks both against SDPA):
 # - with dropout (ELECTRA trains with 0.1 on its attention weights) SDPA takes its unfused path and draws the mask
 #   with bernoulli_; written out with `dropout` above it draws the cheap mask instead;
-# - in bfloat16 the flash kernel's backward is slow: DeiT-Tiny's attention (8 x 3 heads x 197 tokens) took 9.2 ms
+# - in bfloat16 the flash kernel's backward is slow: DeiT-Tiny's attention (8 x 3 heads x 198 tokens) took 9.2 ms
 #   fwd + bwd with SDPA and 3.8 ms written out, on a CPU with AVX-512 BF16 (1.0x in float32, where SDPA stays).
 TOWER_ATTENTION = "vlenc"
 
