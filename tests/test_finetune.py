@@ -99,7 +99,7 @@ def learned(data_root, tmp_path_factory):
     Retrieval learns from scratch. NLVR2 does not in a short run, here as in the literature (its labels depend
     on text and pictures together only), so it and the others start from the retrieval run's encoder, saved as
     a pretraining checkpoint, with the new head at 10x the learning rate, as fine-tuning usually runs (NLVR2's at 3x:
-    its pair head collapsed to one answer on some seeds at 10x)."""
+    at 10x its pair head collapsed to one answer on one of the seeds tried)."""
     runs = {}
 
     def fine_tune(task, steps, **values):
@@ -143,8 +143,8 @@ def test_snli_ve_learns(learned):
 def test_nlvr2_learns(learned):
     # chance 1/2 (each statement is true for half its pairs), with a standard deviation of 0.023 on 480 statements,
     # so the bar is 2.6 of them above chance. Half the sets are near misses about shapes, counts and relations that
-    # a 200-step run barely learns; the colour sets it does. Over eight training seeds accuracy was 0.59-0.70; at
-    # the 10x head learning rate of the other tasks some seeds collapsed to one answer (0.50).
+    # a 200-step run barely learns; the colour sets it learns first. Over eight training seeds accuracy was 0.59-0.70;
+    # at the other tasks' settings (lr 5e-4, head 10x) the default seed collapsed to one answer (0.50).
     assert learned["nlvr2"][1]["nlvr2_acc"] >= 0.56
 
 
