@@ -29,26 +29,34 @@ DROPOUT_BITS = 15
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A bool mask shaped like x, each element True (kept) with probability 1 - p to within 2**-16."""
+    """A uint8 mask shaped like x, each element 1 (kept) with probability 1 - p to within 2**-16, else 0. uint8,
+    not bool: torch's CPU kernels compare into it and multiply by it about three times as fast."""
     threshold = round(p * 2 ** DROPOUT_BITS)
     n = x.numel()
     draws = torch.empty((n + 1) // 2, dtype=torch.int32).random_()  # uniform over [0, 2**31)
-    return ((draws.view(torch.int16)[:n] & (2 ** DROPOUT_BITS - 1)) >= threshold).view(x.shape)  # low 15 bits
+    low_bits = draws.view(torch.int16)[:n] & (2 ** DROPOUT_BITS - 1)
+    return torch.ge(low_bits, threshold, out=torch.empty(n, dtype=torch.uint8)).view(x.shape)
 
 
 # keep_mask as the operator compiled code calls; eager code calls keep_mask itself (the operator's dispatch costs
-# about 65 us a call, measured on this project's 2-core CPU)
-dropout_keep = torch.library.custom_op("vlenc::dropout_keep", mutates_args=(),
+# about 65 us a call, measured on this project's 2-core CPU). The name says the dtype: inductor's on-disk cache
+# kept graphs compiled when the masks were bool and reused them for a uint8 operator of the old name.
+dropout_keep = torch.library.custom_op("vlenc::dropout_keep_u8", mutates_args=(),
                                        tags=(torch.Tag.nondeterministic_seeded,))(keep_mask)
 
 
 @dropout_keep.register_fake
 def _(x, p):
-    return torch.empty_like(x, dtype=torch.bool)
+    return torch.empty_like(x, dtype=torch.uint8)
+
+
+def dropout_scale(p):
+    """What the kept elements are multiplied by: 1 / the exact keep rate of `keep_mask`."""
+    return 2 ** DROPOUT_BITS / (2 ** DROPOUT_BITS - round(p * 2 ** DROPOUT_BITS))
 
 
 class _KeepAndScale(torch.autograd.Function):
-    """x * keep * scale with keep a bool mask; backward applies the same mask (saved as bools, not floats)."""
+    """x * keep * scale with keep a uint8 mask; backward applies the same mask (saved as bytes, not floats)."""
 
     @staticmethod
     def forward(ctx, x, keep, scale):
@@ -68,7 +76,7 @@ def dropout(x, p, training=True):
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
-    scale = 2 ** DROPOUT_BITS / (2 ** DROPOUT_BITS - round(p * 2 ** DROPOUT_BITS))
+    scale = dropout_scale(p)
     if torch.compiler.is_compiling():  # the compiler fuses the product into its neighbours and saves the mask
         return x * dropout_keep(x, p) * scale
     return _KeepAndScale.apply(x, keep_mask(x, p), scale)
@@ -81,16 +89,56 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def attention_with_dropout(q, k, v, attn_mask, p, scale=None):
-    """scaled_dot_product_attention written out, with `dropout` on the attention weights. q (B, h, T, d),
-    k and v (B, h, S, d), attn_mask broadcasting to (B, h, T, S): bool (True = attend), additive float, or None;
-    scale defaults to d ** -0.5 -> (B, h, T, d)."""
-    scores = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)  # (B, h, T, S)
+def attention_weights(q, k, attn_mask):
+    """softmax(q k^T + attn_mask) (B, h, T, S) for q already scaled, attn_mask as for `attention_with_dropout`."""
+    scores = q @ k.transpose(-2, -1)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         scores.masked_fill_(~attn_mask, float("-inf"))  # in place: the product's backward does not read it
     elif attn_mask is not None:
         scores = scores + attn_mask
-    return dropout(scores.softmax(-1), p) @ v
+    return scores.softmax(-1)
+
+
+class _WrittenOutAttention(torch.autograd.Function):
+    """dropout(softmax(q k^T * scale + mask)) @ v for training on the CPU, with backward written out too.
+
+    It keeps for backward the softmax weights and the one-byte keep mask and applies the mask again there, where
+    autograd would keep the dropped weights as well (9 bytes an element of the (B, h, T, S) map against 5). And
+    it makes q, k and v contiguous once: heads split off one (B, N, 3D) product are strided views, which each
+    batched product would otherwise copy, backward's four products as well as forward's two."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, q, k, v, attn_mask, p, scale):
+        q = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype))  # scaled and contiguous in one pass
+        k, v = k.contiguous(), v.contiguous()
+        weights = attention_weights(q, k, attn_mask)
+        keep = keep_mask(weights, p)
+        ctx.save_for_backward(q, k, v, weights, keep)
+        ctx.scale, ctx.keep_scale = scale, dropout_scale(p)
+        return weights.mul(keep).mul_(ctx.keep_scale) @ v
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):
+        q, k, v, weights, keep = ctx.saved_tensors  # q scaled
+        grad = grad.contiguous()  # the output's gradient arrives with its heads interleaved, (B, T, h, d) in memory
+        grad_v = weights.mul(keep).mul_(ctx.keep_scale).transpose(-2, -1) @ grad
+        grad_weights = (grad @ v.transpose(-2, -1)).mul_(keep).mul_(ctx.keep_scale)
+        grad_scores = torch._softmax_backward_data(grad_weights.to(weights.dtype), weights, -1, weights.dtype)
+        return (grad_scores @ k).mul_(ctx.scale), grad_scores.transpose(-2, -1) @ q, grad_v, None, None, None
+
+
+def attention_with_dropout(q, k, v, attn_mask, p, scale=None):
+    """scaled_dot_product_attention written out, with `dropout` on the attention weights. q (B, h, T, d),
+    k and v (B, h, S, d), attn_mask broadcasting to (B, h, T, S): bool (True = attend), additive float, or None;
+    scale defaults to d ** -0.5 -> (B, h, T, d). Training on the CPU goes through _WrittenOutAttention; elsewhere
+    (no gradient, or under torch.compile, which writes its own backward) autograd takes the same ops."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if (p > 0 and q.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (attn_mask is None or not attn_mask.requires_grad)):
+        return _WrittenOutAttention.apply(q, k, v, attn_mask, p, scale)
+    return dropout(attention_weights(q * scale, k, attn_mask), p) @ v
 
 
 # -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ text tower's own tokenizer nothing at all is downloaded. Bench options:
 One step is one micro-batch (micro_batch_size samples) forward and backward, then the optimizer step as
 engine.train takes it (clipping, the finiteness check, AdamW); batch_size and accumulation play no part.
 FLOPs are counted (torch.utils.flop_counter) on one step's forward and backward: model FLOPs, which MFU uses,
-leave recomputation out (gradient checkpointing, CPU attention with dropout); executed FLOPs, in the JSON,
+leave recomputation out (gradient checkpointing); executed FLOPs, in the JSON,
 count it. Each variant runs in a process of its own. Activation bytes are those
 autograd saves for backward in one forward (saved-tensor hooks; parameters excluded). Peak memory is CUDA's max
 allocated over the timed steps, or on CPU the peak resident set size over them.
@@ -166,8 +166,7 @@ def step_flops(model, batch, autocast):
 
 def model_flops_twin(cfg, vocab_size, device):
     """The variant's model as MFU counts it: the same computation without recomputation, i.e. without gradient
-    checkpointing and with the cross-modal attention on its fused path (on CPU, attention with dropout is
-    recomputed in backward; dropout itself costs no FLOPs)."""
+    checkpointing, and without cross-modal dropout (which costs no FLOPs), so attention takes its fused path."""
     cfg = dataclasses.replace(cfg, gradient_checkpointing=False, cross_dropout=0.0)
     model = build_pretrain_model(cfg, vocab_size)
     apply_freezing(model, cfg)

@@ -136,13 +136,7 @@ class Attention(nn.Module):
     def attend(self, q, k, v, context_mask):  # q (B, h, T, d), k and v (B, h, S, d) -> (B, h, T, d)
         attn_mask = None if context_mask is None else context_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         dropout_p = self.dropout if self.training else 0.0
-        if dropout_p > 0 and q.device.type == "cpu":
-            # No fused CPU kernel takes dropout. Written out, attention would keep the (B, h, T, S) weights and
-            # their mask for backward; they are recomputed there instead (same RNG state, so the same mask), as
-            # the fused GPU kernels do: a few percent more FLOPs for about a fifth less activation memory.
-            # Compiled, it is left to the compiler, which saves the mask and recomputes what is cheap.
-            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                return checkpoint(attention_with_dropout, q, k, v, attn_mask, dropout_p, use_reentrant=False)
+        if dropout_p > 0 and q.device.type == "cpu":  # no fused CPU kernel takes dropout
             return attention_with_dropout(q, k, v, attn_mask, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 

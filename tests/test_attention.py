@@ -68,6 +68,32 @@ def test_tower_attention_with_dropout_draws_the_cheap_mask():
     assert not torch.equal(tower_attention(nn.Module(), q, k, v, padding_mask(), dropout=0.25, scaling=0.3)[0], out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", ["none", "padding", "additive"])
+def test_written_out_attention_backward_is_autograds(dtype, mask):
+    """attention_with_dropout in CPU training (its own backward) against autograd through the same ops with the
+    same mask, on q, k and v split off one packed product as the layers do (strided views), under bfloat16
+    autocast too: float32 exactly, bfloat16 within its rounding."""
+    g = torch.Generator().manual_seed(1)
+    packed = torch.randn(B, T, 3, H, D, generator=g, requires_grad=True)
+    q, k, v = packed.permute(2, 0, 3, 1, 4)
+    attn_mask = {"none": None, "padding": padding_mask(), "additive": torch.randn(B, 1, T, T, generator=g)}[mask]
+    weight = torch.randn(B, T, H, D, generator=g)
+
+    def grads(fn):
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fn()
+        return out, torch.autograd.grad((out.transpose(1, 2).float() * weight).sum(), packed)[0]
+
+    out, grad = grads(lambda: attention.attention_with_dropout(q, k, v, attn_mask, 0.25, scale=0.3))
+    ref, ref_grad = grads(lambda: attention.dropout(attention.attention_weights(q * 0.3, k, attn_mask), 0.25) @ v)
+    assert out.dtype == ref.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+
+
 def test_tower_attention_hands_causal_attention_to_sdpa():
     q, k, v = qkv()
     out, _ = tower_attention(nn.Module(), q, k, v, None, dropout=0.0, scaling=0.3, is_causal=True)

@@ -20,7 +20,7 @@ import engine
 import pretrain
 from config import Config, ConfigError, load_config
 from encoders import Attention, Embedded, build_encoder
-from attention import attention_with_dropout, dropout
+from attention import attention_with_dropout, dropout, keep_mask
 from model import PretrainModel, apply_freezing, build_pretrain_model, compile_model, enable_gradient_checkpointing
 from tiny import TINY, tiny_config
 
@@ -139,28 +139,32 @@ def test_pretraining_passes_match_the_plain_reference(pretrain_pass, checkpointi
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_cpu_attention_with_dropout_recomputes_exactly():
-    """Cross-modal attention with dropout on CPU keeps only q, k, v for backward and recomputes the rest with the
-    same dropout mask: outputs and gradients are those of the written-out attention that keeps everything."""
+def test_cpu_attention_with_dropout_keeps_weights_and_byte_mask():
+    """Cross-modal attention with dropout on CPU: outputs and gradients are autograd's through the written-out ops
+    with keep_mask's mask, and backward keeps the (B, h, T, S) softmax weights and a one-byte mask, not a second
+    float map (the dropped weights), and no recomputation."""
     attention = Attention(DIM, heads=2, dropout=0.3).train()
-    x, context = torch.randn(B, T, DIM, requires_grad=True), torch.randn(B, 5, DIM)
+    x, context = torch.randn(B, T, DIM, requires_grad=True), torch.randn(B, 5, DIM, requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 0, 0]] * B)
-    shapes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: (shapes.append(t.shape), t)[1], lambda t: t):
+    g = torch.randn(B, T, DIM)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append((t.shape, t.dtype)), t)[1], lambda t: t):
         torch.manual_seed(0)
         y = attention(x, context, mask)
-    assert (B, 2, T, 5) not in shapes  # no (B, h, T, S) weights or dropout mask kept
-    y.sum().backward()
-    grad = x.grad.clone()
-    x.grad = None
+    assert sorted(str(dtype) for shape, dtype in saved if shape == (B, 2, T, 5)) == ["torch.float32", "torch.uint8"]
+    grads = torch.autograd.grad((y * g).sum(), (x, context))
     torch.manual_seed(0)
     q = attention.q(x).view(B, T, 2, DIM // 2).transpose(1, 2)
     k, v = attention.kv(context).view(B, 5, 2, 2, DIM // 2).permute(2, 0, 3, 1, 4)
-    reference = attention_with_dropout(q, k, v, mask[:, None, None, :].bool(), 0.3)
+    weights = (q * (DIM // 2) ** -0.5 @ k.transpose(-2, -1)).masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+    weights = weights.softmax(-1)
+    keep = keep_mask(weights, 0.3)
+    assert keep.dtype == torch.uint8 and 0.6 < keep.float().mean() < 0.8
+    reference = (weights * keep * 2 ** 15 / (2 ** 15 - round(0.3 * 2 ** 15))) @ v
     reference = attention.out(reference.transpose(1, 2).reshape(B, T, DIM))
-    reference.sum().backward()
-    torch.testing.assert_close(y, reference, rtol=0, atol=0)
-    torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, reference, rtol=1e-6, atol=1e-6)
+    for grad, ref in zip(grads, torch.autograd.grad((reference * g).sum(), (x, context))):
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
     # without dropout it is scaled_dot_product_attention, masked keys and all
     q, k, v = torch.randn(B, 2, T, 8), torch.randn(B, 2, 5, 8), torch.randn(B, 2, 5, 8)
     torch.testing.assert_close(attention_with_dropout(q, k, v, mask[:, None, None, :].bool(), 0.0),
