@@ -269,6 +269,21 @@ class PretrainModel(FreezableModel):
         return {"mlm_loss": F.cross_entropy(logits.float(), targets, reduction="sum") / n,
                 "mlm_acc": (logits.argmax(-1) == targets).float().sum() / n}
 
+    def encode_captions(self, batch, masked, clean):
+        """(masked, clean): the batch's masked captions ("mlm_input_ids") and clean ones ("input_ids") through the
+        encoder's text side, as Embedded (B, T, D), each None where not asked for. Asked for both, the text side
+        runs once on the two stacked (2B, T): each caption attends within itself only, so this is two calls' result
+        (dropout draws its masks differently, as between any two calls), with products twice as tall and the
+        per-layer Python paid once."""
+        mask = batch["attention_mask"]
+        if masked and clean:
+            both = self.encoder.encode_text(torch.cat([batch["mlm_input_ids"], batch["input_ids"]]),
+                                            torch.cat([mask, mask]))
+            B = mask.shape[0]
+            return both.select(slice(None, B)), both.select(slice(B, None))
+        return (self.encoder.encode_text(batch["mlm_input_ids"], mask) if masked else None,
+                self.encoder.encode_text(batch["input_ids"], mask) if clean else None)
+
     def forward_text(self, batch):
         """MLM on a text-only batch, through the text path alone (see the class docstring)."""
         enc = self.encoder
@@ -283,23 +298,23 @@ class PretrainModel(FreezableModel):
         enc = self.encoder
         image = self.encode_image(batch)  # (B, P, D), once for every task
         out, loss = {}, torch.zeros((), device=image.feats.device)
-        clean = paired = None
+        paired = None
+        # the masked caption serves MLM (and ITM too in the shared pass); the clean one ITC and a separate ITM pass
+        masked, clean = self.encode_captions(
+            batch, masked=self.mlm_head is not None,
+            clean=self.itc_head is not None or (self.pretrain_pass == "separate" and self.itm_head is not None))
         if self.itc_head is not None:  # ITC on the clean caption and its picture, before fusion (ALBEF)
-            clean = enc.encode_text(batch["input_ids"], batch["attention_mask"])
             itc, paired = self.itc_head(clean, image, batch)  # paired: ITM's pictures (hard negatives if asked)
             out.update(itc)
             loss = loss + self.itc_weight * itc["itc_loss"]
         if paired is None and self.itm_head is not None:
             paired = image.select(batch["itm_image_index"])
         if self.pretrain_pass == "shared":
-            mlm_fused = itm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]),
-                                             paired, cls_only=("image",))
+            mlm_fused = itm_fused = enc.fuse(masked, paired, cls_only=("image",))
         else:
             if self.mlm_head is not None:  # MLM reads text features: only the image stream may stop at its CLS
-                mlm_fused = enc.fuse(enc.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), image,
-                                     cls_only=("image",))
+                mlm_fused = enc.fuse(masked, image, cls_only=("image",))
             if self.itm_head is not None:  # ITM reads the pooled CLS pair only
-                clean = clean if clean is not None else enc.encode_text(batch["input_ids"], batch["attention_mask"])
                 itm_fused = enc.fuse(clean, paired, cls_only=("text", "image"))
         if self.mlm_head is not None:
             out.update(self.mlm_outputs(mlm_fused.text_feats, batch["mlm_labels"], batch["mlm_positions"]))

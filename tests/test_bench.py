@@ -123,11 +123,19 @@ def reference_losses(model, batch, shared):
                                                                       batch["itm_labels"])
 
 
+def padded(batch, pretrain_pass):
+    """The batch with its first caption cut to 5 tokens (padding after), its labels left where they were."""
+    mask = batch["attention_mask"].clone()
+    mask[0, 5:] = 0
+    return with_positions(dict(batch, attention_mask=mask), pretrain_pass)
+
+
 @pytest.mark.parametrize("pretrain_pass", ["separate", "shared"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_pretraining_passes_match_the_plain_reference(pretrain_pass, checkpointing):
-    model = pretrain_model(pretrain_pass, gradient_checkpointing=checkpointing)
-    batch = make_batch(pretrain_pass=pretrain_pass)
+@pytest.mark.parametrize("model_type", ["two_tower", "one_tower"])
+def test_pretraining_passes_match_the_plain_reference(pretrain_pass, checkpointing, model_type):
+    model = pretrain_model(pretrain_pass, gradient_checkpointing=checkpointing, model_type=model_type)
+    batch = padded(make_batch(pretrain_pass=pretrain_pass), pretrain_pass)
     out = model(batch)
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -138,6 +146,27 @@ def test_pretraining_passes_match_the_plain_reference(pretrain_pass, checkpointi
     torch.testing.assert_close(out["itm_loss"], itm, rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("itc", [False, True])
+def test_separate_pass_runs_the_text_tower_once_on_both_captions(itc):
+    """The masked and the clean caption go through the text tower as one (2B, T) batch, masked first, with the
+    padding mask of each row; the MLM pass reads the first half and the ITM pass (and ITC) the second."""
+    model = pretrain_model("separate", **(dict(itc_weight=1.0) if itc else {}))
+    batch = dict(padded(make_batch(), "separate"), image_ids=torch.arange(B))
+    calls = []
+    hook = model.encoder.text_tower.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs),
+                                                          with_kwargs=True)
+    out = model(batch)
+    hook.remove()
+    assert len(calls) == 1
+    assert torch.equal(calls[0]["input_ids"], torch.cat([batch["mlm_input_ids"], batch["input_ids"]]))
+    assert torch.equal(calls[0]["attention_mask"], torch.cat([batch["attention_mask"]] * 2))
+    if itc:  # ITC compares the clean captions with the pictures
+        enc = model.encoder
+        clean = enc.encode_text(batch["input_ids"], batch["attention_mask"])
+        expected = model.itc_head(clean, enc.encode_image(batch["pixel_values"]), batch)[0]["itc_loss"]
+        torch.testing.assert_close(out["itc_loss"], expected)
 
 
 def test_cpu_attention_with_dropout_keeps_weights_and_byte_mask():
@@ -185,8 +214,11 @@ def test_cpu_dropout_rate_scale_and_gradient():
     torch.manual_seed(0)
     assert torch.equal(dropout(x, 0.1), y)  # torch's generator: seeded as usual
     assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
-    zeros = torch.empty(7, 3).random_()  # odd element count: half of the last int32 draw goes unused
+    zeros = torch.empty(7, 3).random_()  # 21 elements: three of the last int64 draw's four parts go unused
     assert dropout(zeros, 0.5).shape == (7, 3)
+    # each of an int64 draw's four 16-bit parts gives its element the rate (no part of the draw is constant)
+    keep = keep_mask(torch.empty(4_000_000), 0.3).view(-1, 4).float().mean(0)
+    assert torch.all((keep - 0.7).abs() < 0.002), keep
 
 
 def test_shared_pass_with_no_matched_pair_still_reaches_every_head_parameter():
