@@ -101,6 +101,11 @@ def attention_weights(q, k, attn_mask):
     return scores.softmax(-1)
 
 
+def _dropped(weights, keep):
+    """weights * keep (unscaled) for a uint8 keep mask."""
+    return keep.to(weights.dtype).mul_(weights)
+
+
 class _Attend(torch.autograd.Function):
     """dropout(softmax(q k^T * scale + mask)) @ v for training on the CPU, with backward written out too.
 
@@ -119,15 +124,19 @@ class _Attend(torch.autograd.Function):
         keep = keep_mask(weights, p)
         ctx.save_for_backward(q, k, v, weights, keep)
         ctx.scale, ctx.keep_scale = scale, dropout_scale(p)
-        return weights.mul(keep).mul_(ctx.keep_scale) @ v
+        # the keep rate's scale goes on the (B, h, T, d) output, not on the (B, h, T, S) map; the mask is cast
+        # first and multiplied in place, where weights.mul(keep) would cast it into a temporary of its own
+        return (_dropped(weights, keep) @ v).mul_(ctx.keep_scale)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):
         q, k, v, weights, keep = ctx.saved_tensors  # q scaled
-        grad = grad.contiguous()  # the output's gradient arrives with its heads interleaved, (B, T, h, d) in memory
-        grad_v = weights.mul(keep).mul_(ctx.keep_scale).transpose(-2, -1) @ grad
-        grad_weights = (grad @ v.transpose(-2, -1)).mul_(keep).mul_(ctx.keep_scale)
+        # the output's gradient arrives with its heads interleaved, (B, T, h, d) in memory: scaled by the keep
+        # rate's scale and made contiguous in one pass, it carries that scale into both products below
+        grad = torch.mul(grad, ctx.keep_scale, out=torch.empty(grad.shape, dtype=grad.dtype))
+        grad_v = _dropped(weights, keep).transpose(-2, -1) @ grad
+        grad_weights = (grad @ v.transpose(-2, -1)).mul_(keep)
         grad_scores = torch._softmax_backward_data(grad_weights.to(weights.dtype), weights, -1, weights.dtype)
         return (grad_scores @ k).mul_(ctx.scale), grad_scores.transpose(-2, -1) @ q, grad_v, None, None, None
 
