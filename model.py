@@ -191,7 +191,8 @@ class PretrainModel(FreezableModel):
     The image side runs once per step for both tasks (ITM negatives borrow another row's image features).
     pretrain_pass says how the text side and the cross-modal layers serve the two tasks:
       "separate"  MLM on the masked caption with its own image, ITM on the clean caption with the paired
-                  image: two text-tower and two cross-modal passes (the ViLT / METER recipe).
+                  image: the text tower on both captions (one call on the two stacked, see encode_captions) and two
+                  cross-modal passes (the ViLT / METER recipe).
       "shared"    one pass of the masked caption with the paired image serves both: ITM reads the pooled
                   output, MLM the text features of matched pairs only (a mismatched picture would teach the
                   MLM head to ignore the image). One text-tower and one cross-modal pass: over a third fewer
