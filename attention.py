@@ -57,6 +57,12 @@ def dropout_scale(p):
     return 2 ** DROPOUT_BITS / (2 ** DROPOUT_BITS - round(p * 2 ** DROPOUT_BITS))
 
 
+def _masked(x, keep):
+    """x * keep for a uint8 keep mask, in x's dtype: the mask is cast and then multiplied in place, where
+    x.mul(keep) would cast it into a temporary of its own and multiply into a third tensor."""
+    return keep.to(x.dtype).mul_(x)
+
+
 class _KeepAndScale(torch.autograd.Function):
     """x * keep * scale with keep a uint8 mask; backward applies the same mask (saved as bytes, not floats)."""
 
@@ -64,12 +70,12 @@ class _KeepAndScale(torch.autograd.Function):
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x.mul(keep).mul_(scale)
+        return _masked(x, keep).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         keep, = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
+        return _masked(grad, keep).mul_(ctx.scale), None, None
 
 
 def dropout(x, p, training=True):
@@ -101,11 +107,6 @@ def attention_weights(q, k, attn_mask):
     return scores.softmax(-1)
 
 
-def _dropped(weights, keep):
-    """weights * keep (unscaled) for a uint8 keep mask."""
-    return keep.to(weights.dtype).mul_(weights)
-
-
 class _Attend(torch.autograd.Function):
     """dropout(softmax(q k^T * scale + mask)) @ v for training on the CPU, with backward written out too.
 
@@ -124,9 +125,8 @@ class _Attend(torch.autograd.Function):
         keep = keep_mask(weights, p)
         ctx.save_for_backward(q, k, v, weights, keep)
         ctx.scale, ctx.keep_scale = scale, dropout_scale(p)
-        # the keep rate's scale goes on the (B, h, T, d) output, not on the (B, h, T, S) map; the mask is cast
-        # first and multiplied in place, where weights.mul(keep) would cast it into a temporary of its own
-        return (_dropped(weights, keep) @ v).mul_(ctx.keep_scale)
+        # the keep rate's scale goes on the (B, h, T, d) output, not on the (B, h, T, S) map
+        return (_masked(weights, keep) @ v).mul_(ctx.keep_scale)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
@@ -135,7 +135,7 @@ class _Attend(torch.autograd.Function):
         # the output's gradient arrives with its heads interleaved, (B, T, h, d) in memory: scaled by the keep
         # rate's scale and made contiguous in one pass, it carries that scale into both products below
         grad = torch.mul(grad, ctx.keep_scale, out=torch.empty(grad.shape, dtype=grad.dtype))
-        grad_v = _dropped(weights, keep).transpose(-2, -1) @ grad
+        grad_v = _masked(weights, keep).transpose(-2, -1) @ grad
         grad_weights = (grad @ v.transpose(-2, -1)).mul_(keep)
         grad_scores = torch._softmax_backward_data(grad_weights.to(weights.dtype), weights, -1, weights.dtype)
         return (grad_scores @ k).mul_(ctx.scale), grad_scores.transpose(-2, -1) @ q, grad_v, None, None, None
